@@ -1,0 +1,181 @@
+"""A Llama-3 decoder written out in full: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Module and parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...)
+so a checkpoint's keys map across unchanged and LoRA adapter keys line up with PEFT's.
+
+RoPE layout: HF's "rotate-half" (the first and second halves of each head are the pairs).
+HF checkpoints are stored for that layout, so no Q/K permutation is needed here; a checkpoint
+in Meta's or llama.cpp's interleaved layout must be permuted by its converter (model/default.py).
+
+Positions come from the attention mask, so a left- or right-padded row gets the same outputs
+as the unpadded row. Nothing is a buffer: the model can be built on `meta` and loaded with
+`load_state_dict(assign=True)` (model/load.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back before the weight: the same rounding as HF's LlamaRMSNorm.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Per-pair rotation frequencies (hd/2,), with Llama 3.1's "llama3" long-context scaling."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    if cfg.rope_type == "llama3":
+        # Low frequencies (long wavelengths) are slowed by `factor`, high ones kept, and the band
+        # between is interpolated smoothly (Meta's apply_scaling in llama3/model.py).
+        rs = cfg.rope_scaling
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, hd) for integer positions (B, T), computed in fp32."""
+    inv_freq = rope_inv_freq(cfg, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (B, T, hd) broadcast over heads
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: each group of n_heads / n_kv query heads reads one K/V head (no repeat copy).
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """embed → blocks → norm → lm_head. `model.*` holds the body so keys match HF's."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied models (Llama 3.2, SmolLM2) reuse the embedding matrix as the output head.
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False  # per-block activation checkpointing, set by the trainer
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if attention_mask is None or bool(attention_mask.all()):
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None  # plain causal: lets SDPA pick its fastest kernel
+        else:
+            attention_mask = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = causal & attention_mask[:, None, None, :]  # (B, 1, T, T)
+            # A padding query with no visible key would softmax over nothing (NaN); let it see
+            # itself. Real tokens never attend to padding either way.
+            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        for block in self.model.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.output_weight
+        return F.linear(h.to(w.dtype), w)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with `logits_at` (B,) only at that position of each row: (B, V).
+
+        The vocabulary head is the largest matmul per token (128k × 4096 on Llama 3), so when a
+        loss needs one position per row (the label token) the other positions are skipped.
+        """
+        h = self.hidden(input_ids, attention_mask)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, D)
+        return self.logits(h)
