@@ -78,6 +78,13 @@ class LlamaConfig:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        raw = dict(raw)
+        rp = raw.pop("rope_parameters", None)
+        if rp:  # transformers >= 5 writes {"rope_theta", "rope_type", "factor", ...} under one key
+            rp = dict(rp)
+            raw.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                raw["rope_scaling"] = rp
         kw = {k: v for k, v in raw.items() if k in names}
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers >= 4.56 writes "dtype"
             kw["torch_dtype"] = raw["dtype"]

@@ -131,3 +131,13 @@ def test_llama31_8b_config_shapes():
     with torch.device("meta"):
         m = Llama(cfg)
     assert sum(p.numel() for p in m.parameters()) == 8_030_261_248
+
+
+def test_transformers5_rope_parameters_are_read(tmp_path):
+    # transformers >= 5 saves rope_theta and the llama3 scaling under "rope_parameters".
+    cfg = LlamaConfig.tiny()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict()))
+    hf.save_pretrained(tmp_path)
+    back = LlamaConfig.from_hf_config(tmp_path)
+    assert back.rope_theta == cfg.rope_theta
+    assert back.rope_type == "llama3" and back.rope_scaling["factor"] == 8.0
