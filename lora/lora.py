@@ -1,0 +1,124 @@
+"""LoRALinear: a frozen base linear plus a trainable low-rank update (Hu et al., 2021).
+
+    y = base(x) + dropout(x) @ Aᵀ @ Bᵀ · s,   s = alpha / r   (alpha / √r: rsLoRA, Kalajdzievski 2023)
+
+A wrapper module, not a parametrization: the base can be any linear of model/ -- an fp32 or bf16
+nn.Linear, or the frozen 8-bit / 4-bit layers of model/quant.py -- and its weight is never rebuilt
+on the forward pass (a parametrization would compute W + BA every step and cannot sit on int8).
+Names follow PEFT (`base_layer`, `lora_A.weight` (r, in), `lora_B.weight` (out, r)) and so does the
+arithmetic (Kaiming-uniform A with a=√5, zero B, dropout on the adapter input only, the adapter run
+in its own dtype and cast back), so an adapter saved here loads in PEFT with the same logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def is_float_linear(layer: nn.Module) -> bool:
+    """True for a base whose weight is a plain float matrix we can add a delta to in place."""
+    w = getattr(layer, "weight", None)
+    # bitsandbytes' Int8Params / Params4bit are Parameter subclasses holding int8 / packed uint8.
+    return isinstance(w, torch.Tensor) and w.dtype.is_floating_point and w.dim() == 2 \
+        and type(w) in (nn.Parameter, torch.Tensor)
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen linear `base` (in_features -> out_features) with a rank-`r` adapter.
+
+    Args:
+        base: nn.Linear, Int8Linear or NF4Linear; anything with in_features, out_features and a
+            forward(x). Its parameters are frozen here.
+        r: adapter rank (> 0).
+        alpha: LoRA alpha; the update is scaled by alpha / r (alpha / √r when `rslora`).
+        dropout: dropout probability on the adapter's input (the base sees the undropped x).
+        rslora: rank-stabilised scaling alpha / √r.
+        dtype: dtype of A and B (fp32 by default, whatever the base computes in).
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
+        self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        device = _device_of(base)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # (out, r)
+        self.merged = False
+        self.reset_lora_parameters()
+        self.train(base.training)  # an adapter added to an eval-mode model must not start dropping
+
+    def reset_lora_parameters(self) -> None:
+        # As PEFT: A ~ Kaiming-uniform(a=√5) (nn.Linear's own default), B = 0 so step 0 is the base.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        a = self.lora_A.weight
+        h = self.lora_dropout(x.to(a.dtype))  # the adapter runs in A's dtype (fp32 by default)
+        h = self.lora_B(self.lora_A(h)) * self.scaling  # (..., r) -> (..., out)
+        return y + h.to(y.dtype)
+
+    # ---- merging (float bases only) ----
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B @ A, (out, in), in fp32 (or A's dtype when wider)."""
+        dt = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+        return (self.lora_B.weight.to(dt) @ self.lora_A.weight.to(dt)) * self.scaling
+
+    def _check_mergeable(self) -> nn.Parameter:
+        if not is_float_linear(self.base_layer):
+            raise TypeError(
+                f"cannot merge LoRA into a {type(self.base_layer).__name__} base: adding B@A to a "
+                f"quantized weight would re-round it; use `python -m lora.merge` to export a "
+                f"merged bf16 model instead")
+        return self.base_layer.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + s·B@A (computed in fp32, stored in W's dtype); forward then skips the adapter."""
+        w = self._check_mergeable()
+        if self.merged:
+            return
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(). Exact up to the rounding of W's dtype (bf16 loses low bits; fp32 ~1 ulp)."""
+        w = self._check_mergeable()
+        if not self.merged:
+            return
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"rslora={self.rslora}, merged={self.merged}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
