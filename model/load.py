@@ -1,0 +1,188 @@
+"""Hugging Face Llama folder → our `Llama`, quantizing each block projection as it is read.
+
+Reads config.json plus model.safetensors, or the shards named by model.safetensors.index.json.
+The model is built on the meta device (no memory), then tensors are streamed one at a time
+with `safetensors.safe_open`: the seven projections of every block become Int8Linear /
+NF4Linear (or a float nn.Linear) the moment their weight arrives; embeddings, norms and the
+head are cast to the compute dtype. Host memory therefore holds the growing (quantized) model
+plus about one tensor, never the whole checkpoint in 16-bit.
+
+Every key is checked before any weight is read (safetensors headers are cheap): each expected
+key exactly once, no unexpected key, every shape right. Pickle checkpoints are refused.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from model.config import LlamaConfig
+from model.llama import Llama
+from model.quant import FLOAT_DTYPES, PRECISIONS, quantize_linear
+
+
+class LoadError(ValueError):
+    """A checkpoint folder we cannot (or must not) load."""
+
+
+# Compute dtype (embeddings, norms, lm_head, activations) for each storage precision.
+COMPUTE_DTYPE = {"int8": torch.bfloat16, "nf4": torch.bfloat16, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "fp32": torch.float32}
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+# HF key → our key, with the layer index written as {}. Near identity: our module names are
+# HF's, so PEFT adapter names line up too. None means "known, deliberately not loaded".
+_FROM_HF: dict[str, str | None] = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",  # dropped below for tied models
+    "model.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    **{f"model.layers.{{}}.{p}.{t}": f"model.layers.{{}}.{p}.{t}" for p in PROJECTIONS for t in ("weight", "bias")},
+    # Checkpoints written by transformers < 4.31 carry RoPE's inverse frequencies as a buffer.
+    # They are derived from rope_theta / rope_scaling (our model recomputes them every forward,
+    # in fp32), not learned, and were sometimes saved in 16-bit: skip them.
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+}
+
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*.pth")
+
+
+def hf_to_ours(key: str, cfg: LlamaConfig) -> str | None:
+    """Our name for an HF checkpoint key; None to skip it; LoadError-worthy keys return ''."""
+    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None  # tied: the head IS embed_tokens; some exporters still write a copy
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+    template = f"model.layers.{{}}.{m.group(2)}" if m else key
+    if template not in _FROM_HF:
+        return ""
+    ours = _FROM_HF[template]
+    return None if ours is None else ours.format(m.group(1) if m else "")
+
+
+def _refuse_pickle(f: Path):
+    raise LoadError(f"refusing to load {f}: pickle checkpoints can run code; convert to safetensors")
+
+
+def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | None]:
+    """(safetensors files, key → file name per the index (empty without one), index path)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise LoadError(f"{index} names {f.name}, which is not in {path}")
+        return files, weight_map, index
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single], {}, None
+    for pattern in PICKLE_PATTERNS:
+        found = sorted(path.glob(pattern))
+        if found:
+            _refuse_pickle(found[0])
+    raise LoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path: str | Path, precision: str = "int8", device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Llama:
+    """Load an HF Llama folder, frozen (requires_grad False) and in eval mode.
+
+    Args:
+        path: folder with config.json and model.safetensors (or shards + index).
+        precision: storage of the seven block projections: int8 | nf4 | bf16 | fp16 | fp32.
+        device: where the model lives; quantization runs there, one tensor at a time.
+        dtype: int8 / nf4 only: compute dtype, in which embeddings, norms and lm_head are
+            stored (default bf16; float precisions use their own dtype throughout).
+    """
+    if precision not in PRECISIONS:
+        raise LoadError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    path, device = Path(path), torch.device(device)
+    if path.is_file():
+        if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+            _refuse_pickle(path)
+        raise LoadError(f"{path}: pass the checkpoint folder (config.json + *.safetensors), not a file")
+    if not path.is_dir():
+        raise LoadError(f"{path}: no such folder")
+    if precision in FLOAT_DTYPES and dtype not in (None, FLOAT_DTYPES[precision]):
+        raise LoadError(f"dtype {dtype} conflicts with precision {precision!r}: a float precision "
+                        f"computes in its own dtype (dtype applies to int8 / nf4)")
+    dtype = dtype or COMPUTE_DTYPE[precision]
+    cfg = LlamaConfig.from_hf_config(path)
+    files, weight_map, index = checkpoint_files(path)
+
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = _check_keys(files, weight_map, index, expected, cfg)
+
+    projs = [f"model.layers.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in PROJECTIONS]
+    proj_weights = {p + ".weight" for p in projs}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                ours = plan.get((f, key))
+                if ours is None:
+                    continue  # skipped key (inv_freq, tied head copy)
+                t = sf.get_tensor(key)  # (on CPU it may alias the file's mmap)
+                mod_name, attr = ours.rsplit(".", 1)
+                if ours in proj_weights:
+                    parent_name, child = mod_name.rsplit(".", 1)
+                    parent, old = model.get_submodule(parent_name), model.get_submodule(mod_name)
+                    # copy=True for float precisions: a weight aliasing the mmap would keep the
+                    # whole file mapped (and counted in RSS) for good. int8 / nf4 make new tensors.
+                    w = t.to(device, dtype, copy=True) if precision in FLOAT_DTYPES else t.to(device)
+                    new = quantize_linear(w, precision)
+                    if old.bias is not None:
+                        new.bias = old.bias  # meta until (or already) loaded: keys are sorted, bias first
+                    setattr(parent, child, new)
+                else:  # embeddings, norms, lm_head, projection biases: compute dtype
+                    setattr(model.get_submodule(mod_name), attr,
+                            nn.Parameter(t.to(device, dtype, copy=True), requires_grad=False))
+                del t
+
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:  # cannot happen after _check_keys; guards against a model change slipping through
+        raise LoadError(f"{path}: {left[0]} was never loaded (still on the meta device)")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _check_keys(files: list[Path], weight_map: dict[str, str], index: Path | None,
+                expected: dict[str, tuple], cfg: LlamaConfig) -> dict[tuple[Path, str], str | None]:
+    """Read every header; raise on unexpected / duplicate / missing keys and wrong shapes.
+
+    Returns (file, checkpoint key) → our key (None: skip).
+    """
+    plan: dict[tuple[Path, str], str | None] = {}
+    seen: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                ours = hf_to_ours(key, cfg)
+                if ours == "" or (ours is not None and ours not in expected):
+                    raise LoadError(f"{f}: unexpected key {key}")
+                plan[(f, key)] = ours
+                if ours is None:
+                    continue
+                if ours in seen:
+                    raise LoadError(f"key {key} appears twice: in {seen[ours]} and {f}")
+                seen[ours] = f
+                shape = tuple(sf.get_slice(key).get_shape())
+                if shape != expected[ours]:
+                    raise LoadError(f"{f}: {key} has shape {shape}, expected {expected[ours]}")
+    for key in expected:
+        if key not in seen:
+            where = (f"{index.parent / weight_map[key]} (per {index.name})" if key in weight_map
+                     else f"{index} (not listed in its weight_map)" if index else str(files[0]))
+            raise LoadError(f"missing key {key}: expected in {where}")
+    return plan
