@@ -27,6 +27,8 @@ from bitsandbytes.nn import Int8Params, Linear4bit, Params4bit
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
+import kernels
+
 INT8_MATMUL = "dequant"  # "dequant" (fast default) | "bnb" (bitsandbytes' LLM.int8 reference)
 # Outlier threshold of the "bnb" path: activation columns holding a value >= 6 stay in fp16.
 # 6.0 is LLM.int8()'s published value and transformers' `llm_int8_threshold` default, so the
@@ -66,9 +68,9 @@ def dequantize_int8(w_int8: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype)
     The hook for a fused kernel: kernels/ may rebind `model.quant.dequantize_int8` to a
     same-signature Triton version; every caller below looks the name up at call time.
     """
-    # In-place mul of a `dtype` tensor by fp32 scales computes in fp32 and rounds once, without
-    # an fp32 copy of the whole weight (bitsandbytes' own dequant does the same).
-    return w_int8.to(dtype).mul_((scb * (1.0 / 127.0)).unsqueeze(1))
+    # kernels.int8_dequant: one fused Triton pass on CUDA; elsewhere kernels/reference.py, an
+    # in-place mul of the `dtype` tensor by fp32 scales (fp32 math, one rounding, no fp32 copy).
+    return kernels.int8_dequant(w_int8, scb, dtype)
 
 
 class _Int8DequantMatmul(torch.autograd.Function):
