@@ -1,0 +1,117 @@
+"""Data-parallel training on 2 CPU processes (gloo): same adapter as one process, exact resume,
+and one rank's failure ends the run with that rank's message."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import train
+from tiny import make_tiny_model_dir, synthetic_rows
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    make_tiny_model_dir(root / "model")
+    df = synthetic_rows(120, seed=5)
+    df.iloc[:100].to_csv(root / "train.csv", index=False)
+    df.iloc[100:].to_csv(root / "val.csv", index=False)
+    (root / "prompt.txt").write_text("Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):")
+    return root
+
+
+def args_for(tiny, out, *extra):
+    return ["--model", str(tiny / "model"), "--data", str(tiny / "train.csv"), "--val-file", str(tiny / "val.csv"),
+            "--prompt-file", str(tiny / "prompt.txt"), "--out", str(out), "--r", "4", "--alpha", "8",
+            "--max-seq-len", "128", "--eval-every", "0", "--lr", "5e-3", "--device", "cpu", *extra]
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _worker(rank, world, port, argv, fault):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls = {"accumulate": 0, "loss": 0}
+    real_accumulate, real_loss = train.accumulate, train.compute_loss
+
+    def accumulate(*a, **k):  # fault="sigterm": rank 1 receives SIGTERM during step 3
+        calls["accumulate"] += 1
+        if fault == "sigterm" and rank == 1 and calls["accumulate"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_accumulate(*a, **k)
+
+    def compute_loss(*a, **k):  # fault="raise": rank 1 fails during step 2
+        calls["loss"] += 1
+        if fault == "raise" and rank == 1 and calls["loss"] == 2:
+            raise RuntimeError("boom on rank 1")
+        return real_loss(*a, **k)
+
+    train.accumulate, train.compute_loss = accumulate, compute_loss
+    code = train.main(argv)
+    if code:
+        sys.exit(code)
+
+
+def spawn(argv, fault=None):
+    mp.spawn(_worker, args=(2, free_port(), argv, fault), nprocs=2, join=True)
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = ["--steps", "3", "--dropout", "0"]
+    assert train.main(args_for(tiny, single, *common, "--batch-size", "2", "--grad-accum", "2")) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "--", str(REPO / "train.py"),  # "--": else torchrun reads --r as its own
+                        *args_for(tiny, multi, *common, "--batch-size", "2", "--grad-accum", "1")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 rank(s) = 4 rows per step" in p.stderr
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
+    a, b = adapter(single), adapter(multi)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_under_two_ranks(tiny, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    common = ["--steps", "5", "--save-every", "100", "--batch-size", "2", "--grad-accum", "1"]  # dropout on
+    spawn(args_for(tiny, ref, *common))
+    with pytest.raises(Exception, match="exit code 143|process 1 terminated with exit code|SIGTERM"):
+        spawn(args_for(tiny, out, *common), fault="sigterm")  # both ranks stop after step 3 and checkpoint
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 3
+    spawn(args_for(tiny, out, *common, "--resume"))
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-6)
+    a, b = adapter(ref), adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_one_rank_failing_ends_the_run_with_its_message(tiny, tmp_path):
+    with pytest.raises(Exception, match="boom on rank 1"):
+        spawn(args_for(tiny, tmp_path / "fail", "--steps", "4", "--batch-size", "2", "--grad-accum", "1"),
+              fault="raise")

@@ -1,0 +1,202 @@
+"""train.py on a tiny real model folder: learning, accumulation, exact resume, signals, NaN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data.dataset import Encoder, RowDataset, read_table
+from lora.inject import apply_lora
+from model.load import load_model
+from model.tokenizer import Tokenizer
+from tiny import make_tiny_model_dir, synthetic_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model_dir(root / "model")
+    df = synthetic_rows(240, seed=1)
+    df.iloc[:200].to_csv(root / "train.csv", index=False)
+    df.iloc[200:].to_csv(root / "val.csv", index=False)
+    # A short template keeps rows short for the tiny tokenizer (the built-in one is ~270 tokens here).
+    (root / "prompt.txt").write_text("Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):")
+    return root
+
+
+def base_args(tiny, out, *extra):
+    return ["--model", str(tiny / "model"), "--data", str(tiny / "train.csv"), "--val-file", str(tiny / "val.csv"),
+            "--out", str(out), "--r", "4", "--alpha", "8", "--batch-size", "2", "--grad-accum", "2",
+            "--max-seq-len", "128", "--eval-every", "0",
+            "--prompt-file", str(tiny / "prompt.txt"), "--device", "cpu", *extra]
+
+
+def records(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+def test_get_lr_schedule():
+    kw = dict(lr=1.0, steps=110, warmup=10)
+    assert train.get_lr(0, scheduler="cosine", **kw) == pytest.approx(0.1)
+    assert train.get_lr(9, scheduler="cosine", **kw) == pytest.approx(1.0)
+    assert train.get_lr(10, scheduler="cosine", **kw) == pytest.approx(1.0)
+    assert train.get_lr(60, scheduler="cosine", **kw) == pytest.approx(0.5)
+    assert train.get_lr(110, scheduler="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert train.get_lr(60, scheduler="linear", **kw) == pytest.approx(0.5)
+    assert train.get_lr(100, scheduler="constant", **kw) == 1.0
+
+
+def test_loss_falls_and_outputs_written(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--steps", "25", "--lr", "5e-3", "--dropout", "0",
+                                "--eval-every", "10")) == 0
+    losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3  # from ~ln(vocab) towards the label entropy
+    evals = [r["step"] for r in records(out) if "eval" in r]
+    assert evals == [0, 10, 20, 25]
+    for f in ("adapter_model.safetensors", "adapter_config.json", "best/adapter_model.safetensors",
+              "args.json", "summary.json", "loss.png", "checkpoint/trainer.json"):
+        assert (out / f).is_file(), f
+    keys = adapter(out).keys()
+    assert keys and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step0"]["n"] == 40 and summary["final"]["n"] == 40
+
+
+def test_accumulation_matches_one_big_batch(tiny):
+    """2 micro-batches of 2 give the gradient of 1 batch of 4 (full loss: rows differ in length)."""
+    tok = Tokenizer.from_dir(tiny / "model")
+    df, _ = read_table(tiny / "train.csv")
+    ds = RowDataset(df, Encoder(tok, (tiny / "prompt.txt").read_text(), 128, "full"))
+    model = load_model(tiny / "model", "fp32")
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [0, 7, 33, 120]
+    grads = []
+    for batches in ([ds.batch(rows)], [ds.batch(rows[:2]), ds.batch(rows[2:])]):
+        model.zero_grad()
+        n = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in batches)))
+        loss = train.accumulate(model, batches, "full", "cpu", n)
+        grads.append(([p.grad.clone() for p in params], loss))
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
+    for a, b in zip(grads[0][0], grads[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited early: {proc.communicate()[1][-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def checkpoint_step(out):
+    f = Path(out) / "checkpoint" / "trainer.json"
+    try:
+        return json.loads(f.read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
+    common = ["--steps", "8", "--save-every", "2", "--lr", "3e-3"]  # dropout 0.1 on: RNG must resume too
+    ref = tmp_path / "ref"
+    assert train.main(base_args(tiny, ref, *common)) == 0
+
+    out = tmp_path / "killed"
+    proc = run_cli(base_args(tiny, out, *common))
+    wait_for(lambda: checkpoint_step(out) >= 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = checkpoint_step(out)
+    assert 4 <= resumed_from < 8
+    assert train.main(base_args(tiny, out, *common, "--resume")) == 0
+
+    ref_losses = [r["loss"] for r in records(ref) if "loss" in r]
+    got_losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert got_losses == pytest.approx(ref_losses, rel=1e-6, abs=1e-7)
+    a, b = adapter(ref), adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint(tiny, tmp_path):
+    out = tmp_path / "term"
+    proc = run_cli(base_args(tiny, out, "--steps", "100000", "--save-every", "100000"))
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and "loss" in (out / "metrics.jsonl").read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "checkpoint written" in err
+    assert checkpoint_step(out) >= 1
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
+    real = train.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, mode, device):
+        calls["n"] += 1
+        loss = real(model, batch, mode, device)
+        return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-batches each)
+
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(train.UserError, match=r"non-finite loss \(nan\) at step 2.*Last good checkpoint"):
+        train.main(base_args(tiny, out, "--steps", "5", "--save-every", "1"))
+    assert checkpoint_step(out) == 2
+    assert (out / "checkpoint" / "adapter_model.safetensors").is_file()
+
+
+def test_user_errors_are_one_line(tiny, tmp_path):
+    def err(*args):
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 2, p.stderr[-2000:]
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+        return lines[0]
+
+    assert "--r must be at least 1" in err(*base_args(tiny, tmp_path / "x", "--r", "0"))
+    assert "not a model folder" in err(*base_args(tiny, tmp_path / "x", "--model", str(tmp_path)))
+    missing = err(*base_args(tiny, tmp_path / "x", "--data", str(tmp_path / "nope.csv")))
+    assert "nope.csv" in missing
+    assert "no checkpoint" in err(*base_args(tiny, tmp_path / "fresh", "--resume"))
+    assert "qproj" in err(*base_args(tiny, tmp_path / "x", "--targets", "qproj"))
+
+
+def test_resume_refuses_a_different_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "2")) == 0
+    with pytest.raises(train.UserError, match="--r .*differ"):
+        train.main(base_args(tiny, out, "--steps", "4", "--resume", "--r", "8"))
