@@ -124,7 +124,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device
+    return device
 
 
 def default_precision(device: torch.device) -> str:
@@ -166,16 +169,32 @@ def main(argv=None) -> int:
     from model.default import default_model_dir
     from model.tokenizer import Tokenizer
 
-    device = resolve_device(args.device)
-    precision = args.precision or default_precision(device)
-    model_dir = Path(args.model) if args.model else default_model_dir(args.cache_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'submission.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after scoring
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create its folder ({e.strerror})") from None
     if args.adapter and not Path(args.adapter).exists():
         raise UserError(f"--adapter {args.adapter}: no such file or folder")
+    device = resolve_device(args.device)
+    precision = args.precision or default_precision(device)
 
-    # The prompt and length the adapter was trained with, unless overridden (and then warned about).
+    # The model, prompt and length the adapter was trained with, unless overridden (then warned about).
     run = adapter_run_args(args.adapter) if args.adapter else {}
+    if args.model:
+        model_dir = Path(args.model)
+        if run.get("model_dir") and Path(run["model_dir"]).resolve() != model_dir.resolve():
+            print(f"warning: the adapter was trained on {run['model_dir']}, scoring with {model_dir}", file=sys.stderr)
+    elif run.get("model_dir") and args.cache_dir is None:
+        model_dir = Path(run["model_dir"])  # the base the adapter was trained on
+    else:
+        model_dir = default_model_dir(args.cache_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
     prompt_file = args.prompt_file or run.get("prompt_file")
     max_len = args.max_seq_len or run.get("max_seq_len") or 512
     for key, mine in (("prompt_file", prompt_file), ("max_seq_len", max_len)):
@@ -201,15 +220,15 @@ def main(argv=None) -> int:
     probs = np.full(n_total, float(FALLBACK))
     kept = df["_row"].to_numpy()  # positions of the kept rows among all rows
     pred[kept], probs[kept] = p_true > 0.5, p_true
-    out = Path(args.out)
     if out.exists():
         print(f"overwriting {out}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
     import pandas as pd
     sub = pd.DataFrame({"ID": ids, "is_correct": np.where(pred, "True", "False")})
     if args.probs:
         sub["p_true"] = probs
-    sub.to_csv(out, index=False)
+    tmp = out.with_name(out.name + ".tmp")
+    sub.to_csv(tmp, index=False)
+    os.replace(tmp, out)  # never a half-written submission
     skipped = n_total - len(df)
     print(f"wrote {out} ({n_total} rows" + (f", {skipped} skipped rows given {FALLBACK}" if skipped else "") + ")",
           file=sys.stderr)

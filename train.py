@@ -36,10 +36,13 @@ from data.dataset import DEFAULT_PROMPT, Encoder, LengthGroupedSampler, RowDatas
 from predict import UserError, default_precision, format_metrics, metrics, resolve_device, score
 
 REPO = Path(__file__).resolve().parent
+# Rank 0 evaluates alone while the others wait in a barrier: allow for a long validation pass.
+DIST_TIMEOUT = __import__("datetime").timedelta(hours=2)
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # Arguments that must match for --resume to continue the same run exactly.
 RESUME_KEYS = ("model", "data", "val_file", "val_fraction", "r", "alpha", "dropout", "rslora", "targets",
-               "precision", "batch_size", "grad_accum", "max_seq_len", "loss", "optim", "seed", "prompt_file")
+               "precision", "batch_size", "grad_accum", "max_seq_len", "loss", "optim", "seed", "prompt_file",
+               "lr", "scheduler", "warmup", "steps", "clip", "weight_decay", "val_rows")
 
 
 def parse_args(argv=None):
@@ -87,8 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from OUT/checkpoint (or the given checkpoint folder)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run")
     args = p.parse_args(argv)
-    for name in ("r", "batch_size", "grad_accum", "steps", "max_seq_len"):
+    for name in ("r", "batch_size", "grad_accum", "steps", "max_seq_len", "save_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.dropout < 1:
@@ -171,11 +175,19 @@ def atomic_write_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def find_checkpoint(path: Path) -> Path:
+    """`path`, or what a crash in atomic_write_dir's two renames left: a complete .tmp or the .old."""
+    for cand in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if (cand / "trainer.json").is_file():  # trainer.json is written last
+            return cand
+    return path
+
+
 def flatten_state(obj, prefix="") -> tuple[dict, object]:
     """Split a nested state (optimizer, RNG) into safetensors-able tensors and a JSON skeleton."""
     tensors = {}
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()  # own memory: bnb shares qmaps
         return tensors, {"__tensor__": prefix}
     if isinstance(obj, dict):
         skel = {}
@@ -200,6 +212,13 @@ def unflatten_state(skel, tensors: dict):
     if isinstance(skel, dict) and "__list__" in skel:
         return [unflatten_state(v, tensors) for v in skel["__list__"]]
     return skel
+
+
+def parse_json_line(line: str) -> dict | None:
+    try:  # a line torn by a kill mid-write is dropped, not fatal
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def rng_state(device) -> dict:
@@ -254,10 +273,10 @@ def setup_distributed(device_arg: str):
     if device_arg in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=DIST_TIMEOUT)
     else:
         device = resolve_device("cpu" if device_arg == "auto" else device_arg)
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
     return rank, world, device
 
 
@@ -282,6 +301,9 @@ def build(args, model_dir: Path, device, precision: str):
     from lora.inject import apply_lora, mark_only_lora_trainable, param_summary
     model = predict.build_model(model_dir, precision, device)
     torch.manual_seed(args.seed)  # adapter init
+    bad = [t for t in args.targets.split(",") if t.strip() and t.strip().split(".")[-1] not in TARGETS.split(",")]
+    if bad:
+        raise UserError(f"--targets: {', '.join(bad)} not supported (choose from {TARGETS})")
     try:
         apply_lora(model, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                    r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
@@ -354,6 +376,15 @@ def plot(out: Path, records: list[dict]) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv=None) -> int:
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        return run(argv)
+    finally:  # an in-process caller gets its Ctrl-C back
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
     from lora.io import save_adapter
     from model.default import default_model_dir
@@ -361,16 +392,20 @@ def main(argv=None) -> int:
 
     rank, world, device = setup_distributed(args.device)
     main_proc = rank == 0
-    precision = args.precision or default_precision(device)
+    precision = args.precision = args.precision or default_precision(device)
     if precision == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 needs CUDA (on CPU use fp32, bf16 or int8)")
     model_dir = Path(args.model) if args.model else default_model_dir(args.cache_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
     out = Path(args.out)
-    ckpt_dir = out / "checkpoint" if args.resume in (None, "") else Path(args.resume)
+    ckpt_dir = find_checkpoint(out / "checkpoint" if args.resume in (None, "") else Path(args.resume))
     if args.resume is not None and not (ckpt_dir / "trainer.json").is_file():
         raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if args.resume is None and not args.overwrite and ((out / "checkpoint").exists() or (out / "metrics.jsonl").exists()):
+        raise UserError(f"--out {out} holds another run: add --resume to continue it or --overwrite to start afresh")
     if args.resume is not None:  # the run must be the same run, or "exact resume" is a lie
         saved = json.loads((ckpt_dir / "trainer.json").read_text())["args"]
         diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
@@ -379,8 +414,7 @@ def main(argv=None) -> int:
                             f"differ from the checkpoint's run ({ckpt_dir / 'trainer.json'})")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**vars(args), "precision": precision,
-                                                   "model_dir": str(model_dir)}, indent=1))
+        (out / "args.json").write_text(json.dumps({**vars(args), "model_dir": str(model_dir)}, indent=1))
 
     tok = Tokenizer.from_dir(model_dir)
     label_ids = tok.label_ids()
@@ -397,7 +431,8 @@ def main(argv=None) -> int:
     step = load_checkpoint(ckpt_dir, model, opt, scaler, sampler, device, rank, world) if args.resume is not None else 0
     records = []
     if step and (out / "metrics.jsonl").is_file():  # keep the history up to the checkpoint
-        records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] <= step]
+        records = [r for r in map(parse_json_line, (out / "metrics.jsonl").read_text().splitlines())
+                   if r and r["step"] <= step]
     metrics_file = None
     if main_proc:
         metrics_file = open(out / "metrics.jsonl", "w")
@@ -462,6 +497,9 @@ def main(argv=None) -> int:
         if scaler:
             scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf")).item()
+        if not scaler and not math.isfinite(gnorm):  # (with fp16 the scaler skips such steps itself)
+            raise UserError(f"non-finite gradient norm at step {step}; stopping before it reaches the adapter. "
+                            + (f"Last good checkpoint: {ckpt_dir}" if ckpt_dir.exists() else "No checkpoint was written yet."))
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -485,7 +523,7 @@ def main(argv=None) -> int:
             flag = torch.tensor([float(stop["signal"] or 0)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["signal"] = int(flag.item()) or None
-        if main_proc and (last_step or args.eval_every and step % args.eval_every == 0):
+        if main_proc and not stop["signal"] and (last_step or args.eval_every and step % args.eval_every == 0):
             m = evaluate(model, val_ds, args, device, label_ids, step, log)
             if m["accuracy"] > best_acc:
                 best_acc, best_step = m["accuracy"], step

@@ -201,5 +201,38 @@ def test_user_errors_are_one_line(tiny, tmp_path):
 def test_resume_refuses_a_different_run(tiny, tmp_path):
     out = tmp_path / "run"
     assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "2")) == 0
-    with pytest.raises(train.UserError, match="--r .*differ"):
+    with pytest.raises(train.UserError, match=r"--r\b.*differ"):
         train.main(base_args(tiny, out, "--steps", "4", "--resume", "--r", "8"))
+
+
+def test_adamw8bit_checkpoint_round_trips(tiny, tmp_path):
+    # bitsandbytes shares one quantization map across parameters: the checkpoint must still save.
+    out = tmp_path / "a8"
+    assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "1", "--optim", "adamw8bit",
+                                "--r", "64")) == 0
+    assert checkpoint_step(out) == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_existing_run_is_not_clobbered_and_half_swapped_checkpoint_resumes(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "1")) == 0
+    with pytest.raises(train.UserError, match="--resume .* or --overwrite"):
+        train.main(base_args(tiny, out, "--steps", "2"))
+    # A kill between atomic_write_dir's two renames leaves checkpoint.old only.
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    assert train.find_checkpoint(out / "checkpoint") == out / "checkpoint.old"
+    assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "1", "--resume")) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2  # resumed at step 2: nothing left to do
+
+
+def test_non_finite_gradient_stops_before_the_update(tiny, tmp_path, monkeypatch):
+    real = train.accumulate
+
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)
+        next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(train, "accumulate", poisoned)
+    with pytest.raises(train.UserError, match="non-finite gradient norm at step 0"):
+        train.main(base_args(tiny, tmp_path / "g", "--steps", "2"))
