@@ -233,14 +233,19 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({n_total} rows" + (f", {skipped} skipped rows given {FALLBACK}" if skipped else "") + ")",
           file=sys.stderr)
 
-    if "is_correct" in df.columns:
-        m = metrics(df["is_correct"].to_numpy(), p_true)
+    broken = stats["skipped_by_reason"].get("broken record", 0)
+    if broken:
+        print(f"warning: {broken} malformed record(s) of {args.data} have no readable ID and no line in the "
+              f"submission", file=sys.stderr)
+    labelled = df["label"].to_numpy() >= 0
+    if labelled.any():
+        m = metrics(df["is_correct"].to_numpy()[labelled], p_true[labelled])
         print(format_metrics(m))
         if args.metrics:
             Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
             Path(args.metrics).write_text(json.dumps(m, indent=2) + "\n")
     elif args.metrics:
-        print(f"warning: {args.data} has no is_correct column; no metrics written", file=sys.stderr)
+        print(f"warning: {args.data} has no is_correct labels; no metrics written", file=sys.stderr)
     return 0
 
 

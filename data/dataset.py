@@ -117,8 +117,10 @@ def read_table(path: str | Path, skip_bad_rows: bool = False,
         df[c] = df[c].fillna("")
     df["question"] = df["question"].fillna("")
     if has_label:
-        label = df["is_correct"].fillna("").map(str).str.strip().str.lower().map(LABELS)
-        bad = np.flatnonzero(label.isna().to_numpy())
+        raw_label = df["is_correct"].fillna("").map(str).str.strip().str.lower()
+        label = raw_label.map(LABELS)
+        unlabelled = (raw_label == "").to_numpy() if require_label is not True and id_col else False
+        bad = np.flatnonzero(label.isna().to_numpy() & ~unlabelled)  # a test file may leave it blank
         for i, raw in zip(df.index.to_numpy()[bad], df["is_correct"].to_numpy()[bad]):
             problems.setdefault(int(i), ("bad label", f"is_correct is {raw!r}, expected "
                                                       f"True/False/true/false/1/0"))

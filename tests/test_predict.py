@@ -113,3 +113,14 @@ def test_warns_when_max_len_differs_from_training(trained, tmp_path, capsys):
     assert run(trained, "--adapter", str(trained / "run"), "--data", str(trained / "val.csv"),
                "--out", str(tmp_path / "s.csv"), "--max-seq-len", "100") == 0
     assert "trained with max_seq_len=128, scoring with 100" in capsys.readouterr().err
+
+
+def test_blank_labels_in_a_test_file_are_unlabelled(trained, tmp_path):
+    df = synthetic_rows(6, seed=6).rename(columns={"id": "ID"})
+    df["is_correct"] = df["is_correct"].astype(str)
+    df.loc[[1, 4], "is_correct"] = ""
+    df.to_csv(tmp_path / "t.csv", index=False)
+    m = tmp_path / "m.json"
+    assert run(trained, "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv"), "--metrics", str(m)) == 0
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 6
+    assert json.loads(m.read_text())["n"] == 4  # metrics on the labelled rows only
