@@ -1,0 +1,231 @@
+"""The CPU peer: transformers + PEFT LoRA, trained on exactly the batches train.py draws.
+
+Same model folder (the embedded SmolLM2-135M-Instruct unless --model), loaded by
+`LlamaForCausalLM.from_pretrained(..., dtype=float32)`; PEFT LoRA with the same r, alpha,
+dropout, rsLoRA and target projections; activation checkpointing through
+`model.gradient_checkpointing_enable()` (non-reentrant, as ours); the same AdamW, learning rate
+schedule (`train.get_lr`), clip and loss. The data are not re-implemented: `train.parse_args`
+reads the very same flags and `train.load_data` + `data.dataset.LengthGroupedSampler` give the
+same rows, validation sample and batches, in the same order, as train.py with the same --seed.
+
+Loss (answer mode, as `train.compute_loss`): the body's hidden state at each row's cue goes
+through the head, cross-entropy against the label token, summed, divided by the target count of
+the whole accumulation window. `--peer-head full` instead takes `model(...).logits` (the head on
+every position) and gathers the cue: what a plain transformers user would write; the default
+gathers first, so both sides do the same arithmetic and the timing compares the libraries.
+Full mode (`--loss full`): every target of the window, through the chunk-free HF head.
+
+Scoring (validation and bench/score_cpu.py) is the usual HF pattern: each batch (the same rows
+and order as `predict.score`) is left-padded, positions come from the mask, `logits_to_keep=1`
+keeps the last position (the cue), p_true = softmax(logit " True", logit " False").
+
+Not identical across the two stacks, by construction: the adapter's random initial A (PEFT draws
+it from the torch RNG in its own order; same distribution, Kaiming-uniform a=sqrt(5), B = 0;
+`--init ours` copies our A instead) and the LoRA dropout masks. Step 0 is the base model in both.
+
+    python bench/peer_cpu.py --steps 3 --val-rows 16 --max-seq-len 256   # the peer alone
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import predict  # noqa: E402
+import train  # noqa: E402
+from data.dataset import LengthGroupedSampler  # noqa: E402
+
+# peft calls transformers' deprecated gradient-checkpointing helpers; not ours to fix.
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def resolve_model_dir(args) -> Path:
+    from model.default import default_model_dir
+    return Path(args.model) if args.model else default_model_dir(args.cache_dir)
+
+
+def load_peer(model_dir: Path, args, ours=None):
+    """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say; `ours`: copy its initial A/B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    hf.config.use_cache = False
+    if args.grad_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
+                     target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(args.seed)  # PEFT's A init draws from here (not in our order: see docstring)
+    pm = get_peft_model(hf, cfg)
+    if ours is not None:
+        from lora.inject import lora_state_dict
+        mine = lora_state_dict(ours)
+        theirs = dict(pm.named_parameters())
+        with torch.no_grad():
+            for k, v in mine.items():  # model.layers.0.self_attn.q_proj.lora_A.weight
+                theirs["base_model.model." + k.replace(".weight", ".default.weight")].copy_(v)
+    return pm
+
+
+def parts(pm):
+    """(LlamaModel body with LoRA inside, lm_head) of a PeftModel."""
+    causal = pm.base_model.model
+    return causal.model, causal.lm_head
+
+
+def peer_loss(pm, batch: dict, loss_mode: str, head: str = "gather") -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (fp32), like train.compute_loss."""
+    ids, mask, targets, cue = batch["input_ids"], batch["attention_mask"], batch["targets"], batch["cue_pos"]
+    rows = torch.arange(ids.shape[0])
+    if loss_mode == "answer":
+        if head == "full":  # the plain transformers way: logits everywhere, then pick the cue
+            logits = pm(input_ids=ids, attention_mask=mask.long()).logits[rows, cue]  # (B, V)
+        else:
+            body, lm_head = parts(pm)
+            h = body(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, D)
+            logits = lm_head(h[rows, cue])  # (B, V)
+        return F.cross_entropy(logits.float(), targets[rows, cue], reduction="sum")
+    logits = pm(input_ids=ids, attention_mask=mask.long()).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def left_pad(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our right-padded batch as the (input_ids, attention_mask, position_ids) of a left-padded one."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    n = mask.sum(1)  # (B,)
+    shift = (torch.arange(T)[None, :] - (T - n)[:, None]) % T  # position t reads source (t - pad) mod T
+    lids = torch.gather(ids, 1, shift)
+    lmask = torch.arange(T)[None, :] >= (T - n)[:, None]
+    lids = torch.where(lmask, lids, torch.full_like(lids, pad_id))
+    pos = (lmask.long().cumsum(-1) - 1).clamp(min=0)
+    return lids, lmask.long(), pos
+
+
+@torch.no_grad()
+def peer_score(pm, ds, batch_size: int, label_ids: tuple[int, int], pad_id: int) -> np.ndarray:
+    """p_true per row of `ds` (row order), same batches as predict.score, HF last-position logits."""
+    was = pm.training
+    pm.eval()
+    order = np.argsort(ds.lengths, kind="stable").tolist()
+    p_true = np.zeros(len(ds), dtype=np.float64)
+    t_id, f_id = label_ids
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask, pos = left_pad(ds.batch(idx), pad_id)
+        logits = pm(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]  # (B, V)
+        p_true[idx] = torch.softmax(logits[:, [f_id, t_id]].float(), -1)[:, 1].double().numpy()
+    pm.train(was)
+    return p_true
+
+
+def windows(args, train_ds, n: int | None = None):
+    """The first `n` (default --steps) accumulation windows train.py draws, in order: a list of
+    micro-batch dicts per optimizer step."""
+    sampler = LengthGroupedSampler(train_ds.lengths, args.batch_size, seed=args.seed)
+    for _ in range(args.steps if n is None else n):
+        yield [train_ds.batch(sampler.next_batch()) for _ in range(args.grad_accum)]
+
+
+def setup(argv: list[str]):
+    """(args, model_dir, tokenizer, train_ds, val_ds) exactly as train.main builds them."""
+    from model.tokenizer import Tokenizer
+    args = train.parse_args(argv)
+    if (args.precision or "fp32") != "fp32":
+        raise SystemExit("peer_cpu: only --precision fp32 is compared on CPU")
+    model_dir = resolve_model_dir(args)
+    tok = Tokenizer.from_dir(model_dir)
+    train_ds, val_ds, _ = train.load_data(args, tok, 0)
+    return args, model_dir, tok, train_ds, val_ds
+
+
+def opt_step(params, opt, clip: float) -> float:
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def train_peer(argv: list[str], head: str = "gather", init: str = "peft", log=print) -> dict:
+    """Run train.py's loop with the peer model. Returns per-step records and step-0 / final metrics.
+
+    A step's time runs from the end of the previous step to the end of this one and includes
+    building its batches, as train.py's tokens_per_s does. Evaluation sits outside it.
+    """
+    args, model_dir, tok, train_ds, val_ds = setup(argv)
+    ours = train.build(args, model_dir, torch.device("cpu"), "fp32")[0] if init == "ours" else None
+    pm = load_peer(model_dir, args, ours)
+    del ours
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = int(args.warmup) if args.warmup >= 1 else int(args.warmup * args.steps)
+    labels = val_ds.df["is_correct"].to_numpy()
+    label_ids = tok.label_ids()
+
+    def evaluate(step):
+        t = time.perf_counter()
+        m = predict.metrics(labels, peer_score(pm, val_ds, args.eval_batch_size, label_ids, tok.pad_id))
+        log(f"peer step {step:>4} validation: {predict.format_metrics(m)} ({time.perf_counter() - t:.0f} s)")
+        return m
+
+    eval0 = evaluate(0)
+    torch.manual_seed(args.seed)  # dropout masks (a different stream from ours: see docstring)
+    pm.train()
+    recs, t_last = [], time.perf_counter()
+    sampler = LengthGroupedSampler(train_ds.lengths, args.batch_size, seed=args.seed)
+    for step in range(args.steps):
+        lr = train.get_lr(step, lr=args.lr, steps=args.steps, warmup=warmup, scheduler=args.scheduler)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = [train_ds.batch(sampler.next_batch()) for _ in range(args.grad_accum)]
+        n_targets = float(sum(int((b["targets"] != -100).sum()) for b in batches))
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        loss_sum = 0.0
+        for b in batches:
+            loss = peer_loss(pm, b, args.loss, head) / n_targets
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise RuntimeError(f"peer: non-finite loss at step {step}")
+        gnorm = opt_step(params, opt, args.clip)
+        now = time.perf_counter()
+        recs.append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens,
+                     "seconds": now - t_last})
+        log(f"peer step {step + 1:>4} loss {loss_sum:.4f} lr {lr:.2e} {now - t_last:.2f} s "
+            f"{n_tokens / (now - t_last):.0f} tok/s")
+        t_last = now
+    final = evaluate(args.steps)
+    return {"steps": recs, "eval0": eval0, "final": final}
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="the transformers + PEFT peer alone, on train.py's flags",
+                                epilog="every other flag is train.py's (python train.py --help)")
+    p.add_argument("--peer-head", choices=["gather", "full"], default="gather",
+                   help="gather: head at the cue only (same work as ours); full: logits at every position")
+    p.add_argument("--init", choices=["peft", "ours"], default="peft", help="adapter init: PEFT's own, or ours copied")
+    mine, rest = p.parse_known_args(argv)
+    r = train_peer(rest, mine.peer_head, mine.init)
+    secs = [s["seconds"] for s in r["steps"][1:]] or [r["steps"][0]["seconds"]]
+    toks = sum(s["tokens"] for s in r["steps"][1:]) or r["steps"][0]["tokens"]
+    print(f"| step s (median, excl. 1st) | tokens/s | acc 0 | auc 0 | acc end | auc end |\n| --- | --- | --- | --- | --- | --- |\n"
+          f"| {float(np.median(secs)):.3f} | {toks / sum(secs):.0f} | {r['eval0']['accuracy']:.4f} | {r['eval0']['auc']:.4f} "
+          f"| {r['final']['accuracy']:.4f} | {r['final']['auc']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
