@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import train
-from tiny import make_tiny_model_dir, synthetic_rows
+from tiny import make_workdir, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -28,19 +28,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    make_tiny_model_dir(root / "model")
-    df = synthetic_rows(120, seed=5)
-    df.iloc[:100].to_csv(root / "train.csv", index=False)
-    df.iloc[100:].to_csv(root / "val.csv", index=False)
-    (root / "prompt.txt").write_text("Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):")
-    return root
+    return make_workdir(tmp_path_factory.mktemp("ddp"), n_rows=120, n_val=20, seed=5)
 
 
 def args_for(tiny, out, *extra):
-    return ["--model", str(tiny / "model"), "--data", str(tiny / "train.csv"), "--val-file", str(tiny / "val.csv"),
-            "--prompt-file", str(tiny / "prompt.txt"), "--out", str(out), "--r", "4", "--alpha", "8",
-            "--max-seq-len", "128", "--eval-every", "0", "--lr", "5e-3", "--device", "cpu", *extra]
+    return train_args(tiny, out, "--lr", "5e-3", *extra)
 
 
 def adapter(out):

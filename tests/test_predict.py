@@ -11,26 +11,17 @@ import pytest
 
 import predict
 import train
-from tiny import make_tiny_model_dir, synthetic_rows
+from tiny import make_workdir, synthetic_rows, train_args
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = "Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model folder and an adapter trained on it for a few steps."""
-    root = tmp_path_factory.mktemp("pred")
-    make_tiny_model_dir(root / "model")
-    df = synthetic_rows(160, seed=3)
-    df.iloc[:120].to_csv(root / "train.csv", index=False)
-    df.iloc[120:].to_csv(root / "val.csv", index=False)
-    (root / "prompt.txt").write_text(PROMPT)
-    out = root / "run"
-    assert train.main(["--model", str(root / "model"), "--data", str(root / "train.csv"),
-                       "--val-file", str(root / "val.csv"), "--out", str(out), "--prompt-file", str(root / "prompt.txt"),
-                       "--r", "4", "--alpha", "8", "--steps", "4", "--batch-size", "2", "--grad-accum", "1",
-                       "--max-seq-len", "128", "--lr", "5e-3", "--eval-every", "0", "--device", "cpu"]) == 0
+    root = make_workdir(tmp_path_factory.mktemp("pred"), n_rows=160, n_val=40, seed=3)
+    assert train.main(train_args(root, root / "run", "--steps", "4", "--batch-size", "2", "--grad-accum", "1",
+                                 "--lr", "5e-3")) == 0
     return root
 
 

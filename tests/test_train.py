@@ -16,28 +16,18 @@ from data.dataset import Encoder, RowDataset, read_table
 from lora.inject import apply_lora
 from model.load import load_model
 from model.tokenizer import Tokenizer
-from tiny import make_tiny_model_dir, synthetic_rows
+from tiny import make_workdir, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_model_dir(root / "model")
-    df = synthetic_rows(240, seed=1)
-    df.iloc[:200].to_csv(root / "train.csv", index=False)
-    df.iloc[200:].to_csv(root / "val.csv", index=False)
-    # A short template keeps rows short for the tiny tokenizer (the built-in one is ~270 tokens here).
-    (root / "prompt.txt").write_text("Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):")
-    return root
+    return make_workdir(tmp_path_factory.mktemp("tiny"), n_rows=240, n_val=40, seed=1)
 
 
 def base_args(tiny, out, *extra):
-    return ["--model", str(tiny / "model"), "--data", str(tiny / "train.csv"), "--val-file", str(tiny / "val.csv"),
-            "--out", str(out), "--r", "4", "--alpha", "8", "--batch-size", "2", "--grad-accum", "2",
-            "--max-seq-len", "128", "--eval-every", "0",
-            "--prompt-file", str(tiny / "prompt.txt"), "--device", "cpu", *extra]
+    return train_args(tiny, out, "--batch-size", "2", "--grad-accum", "2", *extra)
 
 
 def records(out):

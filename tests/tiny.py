@@ -66,3 +66,25 @@ def make_tiny_model_dir(path: Path, seed: int = 0, **cfg_overrides) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
     return path
+
+
+# A short template keeps rows short for the tiny tokenizer (the built-in one is ~270 tokens here).
+SHORT_PROMPT = "Q: {question}\nS: {solution}\nA: {answer}\nAnswer is correct (True/False only):"
+
+
+def make_workdir(root: Path, n_rows: int, n_val: int, seed: int) -> Path:
+    """root/model (a tiny model folder), root/train.csv, root/val.csv and root/prompt.txt."""
+    root = Path(root)
+    make_tiny_model_dir(root / "model")
+    df = synthetic_rows(n_rows, seed=seed)
+    df.iloc[:n_rows - n_val].to_csv(root / "train.csv", index=False)
+    df.iloc[n_rows - n_val:].to_csv(root / "val.csv", index=False)
+    (root / "prompt.txt").write_text(SHORT_PROMPT)
+    return root
+
+
+def train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """train.py flags for a small CPU run on make_workdir(root)."""
+    return ["--model", str(root / "model"), "--data", str(root / "train.csv"), "--val-file", str(root / "val.csv"),
+            "--prompt-file", str(root / "prompt.txt"), "--out", str(out), "--r", "4", "--alpha", "8",
+            "--max-seq-len", "128", "--eval-every", "0", "--device", "cpu", *extra]
