@@ -19,9 +19,13 @@ Scoring (validation and bench/score_cpu.py) is the usual HF pattern: each batch 
 and order as `predict.score`) is left-padded, positions come from the mask, `logits_to_keep=1`
 keeps the last position (the cue), p_true = softmax(logit " True", logit " False").
 
-Not identical across the two stacks, by construction: the adapter's random initial A (PEFT draws
-it from the torch RNG in its own order; same distribution, Kaiming-uniform a=sqrt(5), B = 0;
-`--init ours` copies our A instead) and the LoRA dropout masks. Step 0 is the base model in both.
+Same random numbers too: PEFT builds its lora_A / lora_B in the same module order as our
+`apply_lora` and draws from the torch RNG in the same order (nn.Linear init, then Kaiming-uniform
+A, zero B), and both dropouts are `nn.Dropout` on the adapter input, called in the same order
+after the same `torch.manual_seed(seed)` that train.py sets. So with the same --seed the adapter
+starts bit-identical (checked: max |A_ours - A_peer| = 0) and the dropout masks coincide; the
+two runs differ only by floating-point rounding (different op order inside the libraries), which
+bench/train_cpu.py shows as the largest per-step loss difference.
 
     python bench/peer_cpu.py --steps 3 --val-rows 16 --max-seq-len 256   # the peer alone
 """
@@ -49,14 +53,18 @@ from data.dataset import LengthGroupedSampler  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# The clock of step times: wall time, or (bench/train_cpu.py --clock cpu) this process's CPU time,
+# which with one torch thread is immune to other jobs taking the core away.
+CLOCK = time.perf_counter
+
 
 def resolve_model_dir(args) -> Path:
     from model.default import default_model_dir
     return Path(args.model) if args.model else default_model_dir(args.cache_dir)
 
 
-def load_peer(model_dir: Path, args, ours=None):
-    """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say; `ours`: copy its initial A/B."""
+def load_peer(model_dir: Path, args):
+    """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say, initialised from torch.manual_seed(args.seed)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -67,16 +75,8 @@ def load_peer(model_dir: Path, args, ours=None):
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(args.seed)  # PEFT's A init draws from here (not in our order: see docstring)
-    pm = get_peft_model(hf, cfg)
-    if ours is not None:
-        from lora.inject import lora_state_dict
-        mine = lora_state_dict(ours)
-        theirs = dict(pm.named_parameters())
-        with torch.no_grad():
-            for k, v in mine.items():  # model.layers.0.self_attn.q_proj.lora_A.weight
-                theirs["base_model.model." + k.replace(".weight", ".default.weight")].copy_(v)
-    return pm
+    torch.manual_seed(args.seed)  # as train.build does before apply_lora: the same A (see docstring)
+    return get_peft_model(hf, cfg)
 
 
 def parts(pm):
@@ -158,16 +158,14 @@ def opt_step(params, opt, clip: float) -> float:
     return gnorm
 
 
-def train_peer(argv: list[str], head: str = "gather", init: str = "peft", log=print) -> dict:
+def train_peer(argv: list[str], head: str = "gather", log=print) -> dict:
     """Run train.py's loop with the peer model. Returns per-step records and step-0 / final metrics.
 
     A step's time runs from the end of the previous step to the end of this one and includes
     building its batches, as train.py's tokens_per_s does. Evaluation sits outside it.
     """
     args, model_dir, tok, train_ds, val_ds = setup(argv)
-    ours = train.build(args, model_dir, torch.device("cpu"), "fp32")[0] if init == "ours" else None
-    pm = load_peer(model_dir, args, ours)
-    del ours
+    pm = load_peer(model_dir, args)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(args.warmup) if args.warmup >= 1 else int(args.warmup * args.steps)
@@ -181,9 +179,9 @@ def train_peer(argv: list[str], head: str = "gather", init: str = "peft", log=pr
         return m
 
     eval0 = evaluate(0)
-    torch.manual_seed(args.seed)  # dropout masks (a different stream from ours: see docstring)
+    torch.manual_seed(args.seed)  # dropout masks: train.py seeds the same way (rank 0)
     pm.train()
-    recs, t_last = [], time.perf_counter()
+    recs, t_last = [], CLOCK()
     sampler = LengthGroupedSampler(train_ds.lengths, args.batch_size, seed=args.seed)
     for step in range(args.steps):
         lr = train.get_lr(step, lr=args.lr, steps=args.steps, warmup=warmup, scheduler=args.scheduler)
@@ -200,7 +198,7 @@ def train_peer(argv: list[str], head: str = "gather", init: str = "peft", log=pr
         if not math.isfinite(loss_sum):
             raise RuntimeError(f"peer: non-finite loss at step {step}")
         gnorm = opt_step(params, opt, args.clip)
-        now = time.perf_counter()
+        now = CLOCK()
         recs.append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens,
                      "seconds": now - t_last})
         log(f"peer step {step + 1:>4} loss {loss_sum:.4f} lr {lr:.2e} {now - t_last:.2f} s "
@@ -216,9 +214,8 @@ def main(argv=None) -> int:
                                 epilog="every other flag is train.py's (python train.py --help)")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",
                    help="gather: head at the cue only (same work as ours); full: logits at every position")
-    p.add_argument("--init", choices=["peft", "ours"], default="peft", help="adapter init: PEFT's own, or ours copied")
     mine, rest = p.parse_known_args(argv)
-    r = train_peer(rest, mine.peer_head, mine.init)
+    r = train_peer(rest, mine.peer_head)
     secs = [s["seconds"] for s in r["steps"][1:]] or [r["steps"][0]["seconds"]]
     toks = sum(s["tokens"] for s in r["steps"][1:]) or r["steps"][0]["tokens"]
     print(f"| step s (median, excl. 1st) | tokens/s | acc 0 | auc 0 | acc end | auc end |\n| --- | --- | --- | --- | --- | --- |\n"
