@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.dataset import DEFAULT_PROMPT, Encoder, RowDataset, load_prompt, read_table
+from data.dataset import DEFAULT_PROMPT, Encoder, RowDataset, collate, load_prompt, read_table
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "gsm8k_val.csv"
@@ -35,22 +35,33 @@ class UserError(Exception):
 
 @torch.no_grad()
 def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-          progress: bool = True) -> np.ndarray:
-    """p_true for every row of `ds`, in row order."""
+          progress: bool = True, chunk_rows: int = 1024) -> np.ndarray:
+    """p_true for every row of `ds`, in row order.
+
+    Rows go in order of character length, `chunk_rows` at a time; each chunk is tokenized, then
+    re-sorted by token count and cut into batches, so a batch's rows have (nearly) the same
+    number of tokens: about 2% of the batch is padding, against 15% when sorting by characters
+    alone (gsm8k_val, batch 16), and 30% unsorted.
+    """
     was_training = model.training
     model.eval()
-    order = np.argsort(ds.lengths, kind="stable").tolist()  # by (character) length: little padding
+    by_chars = np.argsort(ds.lengths, kind="stable")
+    chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # whole batches per chunk
     p_true = np.zeros(len(ds), dtype=np.float64)
     t_id, f_id = label_ids
     bar = tqdm(total=len(ds), desc="score", unit="row", disable=not progress, leave=False, file=sys.stderr)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = ds.batch(idx)
-        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
-                       logits_at=b["cue_pos"].to(device))  # (B, V)
-        two = logits[:, [f_id, t_id]].float()  # (B, 2)
-        p_true[idx] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
-        bar.update(len(idx))
+    for c in range(0, len(by_chars), chunk_rows):
+        part = by_chars[c:c + chunk_rows]
+        examples = ds.get_batch(part)  # tokenizes the chunk
+        by_tokens = np.argsort([len(ex["input_ids"]) for ex in examples], kind="stable")
+        for s in range(0, len(by_tokens), batch_size):
+            sel = by_tokens[s:s + batch_size]
+            b = collate([examples[j] for j in sel], ds.pad_id)
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                           logits_at=b["cue_pos"].to(device))  # (B, V)
+            two = logits[:, [f_id, t_id]].float()  # (B, 2)
+            p_true[part[sel]] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
+            bar.update(len(sel))
     bar.close()
     model.train(was_training)
     return p_true
@@ -152,8 +163,15 @@ def adapter_run_args(adapter: str) -> dict:
     return {}
 
 
-def build_model(model_dir, precision, device, adapter=None):
+def build_model(model_dir, precision, device, adapter=None, merge: bool = False):
+    """The base at `precision` on `device`, plus the adapter if given, in eval mode.
+
+    merge: fold the adapter into the weights (W + s·B@A) so scoring runs the plain base (fp32
+    bases only: there the sum is exact to float rounding; a bf16 weight would round most of a
+    small update away, and an int8 or nf4 weight cannot take it without re-quantizing).
+    """
     from lora.io import AdapterError, load_adapter
+    from lora.lora import LoRALinear
     from model.load import LoadError, load_model
     try:
         model = load_model(model_dir, precision=precision, device=device, dtype=compute_dtype(precision, device))
@@ -161,6 +179,12 @@ def build_model(model_dir, precision, device, adapter=None):
             load_adapter(model, adapter)
     except (LoadError, AdapterError) as e:
         raise UserError(str(e)) from None
+    if merge and adapter:
+        if precision != "fp32":
+            raise ValueError(f"build_model: merge needs an fp32 base, not {precision}")
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.merge()
     return model.to(device).eval()
 
 
@@ -207,9 +231,11 @@ def main(argv=None) -> int:
     df, stats = read_table(args.data, skip_bad_rows=args.skip_bad_rows)
     ds = RowDataset(df, Encoder(tok, template, max_len, loss="answer"), pad_id=tok.pad_id)
 
-    model = build_model(model_dir, precision, device, args.adapter)
+    merge = precision == "fp32"  # the adapter folded into the weights: the plain base's speed
+    model = build_model(model_dir, precision, device, args.adapter, merge=merge)
     print(f"scoring {len(df)} rows of {args.data} with {model_dir.name} ({precision})"
-          + (f" + {args.adapter}" if args.adapter else " (no adapter: zero-shot)"), file=sys.stderr)
+          + ((f" + {args.adapter}" + (" (merged into the weights)" if merge else "")) if args.adapter
+             else " (no adapter: zero-shot)"), file=sys.stderr)
     p_true = score(model, ds, args.batch_size, device, tok.label_ids())
     print(f"rows truncated to {max_len} tokens: {ds.stats['truncated']}", file=sys.stderr)
 

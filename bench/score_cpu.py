@@ -1,9 +1,11 @@
 """Scoring on CPU: `predict.score` against transformers + PEFT, same model, adapter, rows, batches.
 
-Ours: `predict.build_model` (fp32) + the adapter, then `predict.score` (right padding, the head at
-each row's cue only). The peer: `LlamaForCausalLM.from_pretrained` (fp32) + `PeftModel.from_pretrained`
+Ours: `predict.build_model` (fp32) + the adapter merged into the weights, as predict.py does for
+fp32, then `predict.score` (batches by token count, right padding, the head at each row's cue
+only); "ours unmerged" keeps the adapter beside the weights, as training's evaluation does. The peer: `LlamaForCausalLM.from_pretrained` (fp32) + `PeftModel.from_pretrained`
 on the same adapter folder, then `bench/peer_cpu.peer_score`: the same rows in the same batches,
-left-padded, positions from the mask, `logits_to_keep=1`. Both give p_true = softmax over the
+left-padded, positions from the mask, `logits_to_keep=1`, batches by character length (what
+predict.py did before it sorted by tokens; a plain loop over unsorted rows would pad more). Both give p_true = softmax over the
 logits of " True" and " False" at the cue; the script checks they agree within --tol.
 
 Without --adapter a random one is made (seeded: A as initialised, B ~ N(0, --b-std)) so the
@@ -87,15 +89,19 @@ def main(argv=None) -> int:
             adapter = Path(args.adapter) if args.adapter else Path(tmp)
             if not args.adapter:
                 random_adapter(model_dir, adapter, seed, args.b_std, args.r, args.alpha)
-            ours = predict.build_model(model_dir, "fp32", cpu, adapter)
+            ours = predict.build_model(model_dir, "fp32", cpu, adapter, merge=True)
+            unmerged = predict.build_model(model_dir, "fp32", cpu, adapter)
             hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
             folder = adapter if adapter.is_dir() else adapter.parent
             pm = PeftModel.from_pretrained(hf, folder).eval()
         passes = {"ours": lambda: predict.score(ours, ds, args.batch_size, cpu, label_ids, progress=False),
-                  "peer": lambda: peer_cpu.peer_score(pm, ds, args.batch_size, label_ids, tok.pad_id)}
-        times, p_true = {"ours": [], "peer": []}, {}
+                  "peer": lambda: peer_cpu.peer_score(pm, ds, args.batch_size, label_ids, tok.pad_id),
+                  "ours unmerged": lambda: predict.score(unmerged, ds, args.batch_size, cpu, label_ids,
+                                                         progress=False)}
+        sides = list(passes)
+        times, p_true = {k: [] for k in sides}, {}
         for i in range(args.steps + 1):
-            for side in ("ours", "peer") if i % 2 == 0 else ("peer", "ours"):
+            for side in sides if i % 2 == 0 else sides[::-1]:
                 t = clock()
                 p_true[side] = passes[side]()
                 dt = clock() - t
@@ -104,25 +110,25 @@ def main(argv=None) -> int:
                 print(f"seed {seed} pass {i} {side}: {dt:.2f} s (load {os.getloadavg()[0]:.1f})",
                       file=sys.stderr, flush=True)
         n_tok = sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
-        diff = float(np.abs(p_true["ours"] - p_true["peer"]).max())
-        agree = float(np.mean((p_true["ours"] > 0.5) == (p_true["peer"] > 0.5)))
-        ok &= diff <= args.tol
-        for side in ("ours", "peer"):
+        for side in sides:
+            diff = float(np.abs(p_true[side] - p_true["peer"]).max())
+            agree = float(np.mean((p_true[side] > 0.5) == (p_true["peer"] > 0.5)))
+            ok &= diff <= args.tol
             med = float(np.median(times[side]))
             rows.append(dict(side=side, seed=seed, n=len(ds), s=med, rows_s=len(ds) / med, tok_s=n_tok / med,
-                             ratio=float(np.median([o / q for o, q in zip(times["peer"], times["ours"])])),
+                             ratio=float(np.median([o / q for o, q in zip(times["peer"], times[side])])),
                              diff=diff, agree=agree))
-        del ours, pm, hf
+        del ours, unmerged, pm, hf
 
     import peft
     import transformers
     print(f"\nmodel {model_dir.name}, fp32, {torch.get_num_threads()} threads, clock {args.clock}, batch {args.batch_size}, "
           f"max-seq-len {args.max_seq_len}, adapter {args.adapter or f'random (r={args.r}, B std {args.b_std})'}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n")
-    print("| side | seed | rows | pass s (median) | rows/s | tokens/s | rows/s ours / peer | max abs dp_true | same decision |")
+    print("| side | seed | rows | pass s (median) | rows/s | tokens/s | rows/s vs peer | max abs dp_true vs peer | same decision |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        ratio = f"{r['ratio']:.3f}" if r["side"] == "ours" else ""
+        ratio = f"{r['ratio']:.3f}" if r["side"] != "peer" else ""
         print(f"| {r['side']} | {r['seed']} | {r['n']} | {r['s']:.2f} | {r['rows_s']:.2f} | {r['tok_s']:.0f} | {ratio} "
               f"| {r['diff']:.2e} | {r['agree']:.4f} |")
     print(f"\np_true agreement within {args.tol:g}: {'PASS' if ok else 'FAIL'}")

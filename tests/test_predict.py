@@ -52,6 +52,40 @@ def test_submission_shape_order_and_ids(trained, tmp_path):
     np.testing.assert_allclose(pd.read_csv(one)["p_true"], sub["p_true"], atol=1e-5)
 
 
+def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
+    import torch
+    from data.dataset import DEFAULT_PROMPT, Encoder, RowDataset, read_table
+    from model.tokenizer import Tokenizer
+    df = synthetic_rows(24, seed=5)
+    # Character length misleads: common words are ~1 token per word, a Cyrillic letter 2 tokens.
+    df["solution"] = [("We add 3 and 4. " * (2 + i % 7)) if i % 2 else "ж" * (10 + 9 * (i % 5)) for i in range(24)]
+    df.to_csv(tmp_path / "d.csv", index=False)
+    table, _ = read_table(tmp_path / "d.csv")
+    tok = Tokenizer.from_dir(trained / "model")
+    ds = RowDataset(table, Encoder(tok, DEFAULT_PROMPT, 2048, "answer"), pad_id=tok.pad_id)
+    cpu = torch.device("cpu")
+    model = predict.build_model(trained / "model", "fp32", cpu, trained / "run")
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    ref = predict.score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all
+    shapes.clear()
+    got = predict.score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8)  # 3 chunks
+    hook.remove()
+    np.testing.assert_allclose(got, ref, atol=1e-5)  # written back in row order across chunks
+    n_tok = np.array([len(ds[i]["input_ids"]) for i in range(len(ds))])
+    chunks = [n_tok[c] for c in np.array_split(np.argsort(ds.lengths, kind="stable"), 3)]  # 8 rows each
+
+    def slots(chunks):  # padded positions computed, batches of 4 cut from each chunk in order
+        return sum(4 * max(ch[k:k + 4]) for ch in chunks for k in (0, 4))
+    assert sum(b * t for b, t in shapes) == slots([np.sort(ch) for ch in chunks])  # batches by token count
+    assert slots([np.sort(ch) for ch in chunks]) < slots(chunks)  # which beats batches by character count
+
+    merged = predict.build_model(trained / "model", "fp32", cpu, trained / "run", merge=True)
+    from lora.lora import LoRALinear
+    assert all(m.merged for m in merged.modules() if isinstance(m, LoRALinear))
+    np.testing.assert_allclose(predict.score(merged, ds, 4, cpu, tok.label_ids(), progress=False), ref, atol=1e-5)
+
+
 def test_ids_default_to_row_numbers_and_existing_file_is_overwritten(trained, tmp_path, capsys):
     synthetic_rows(6, seed=2).drop(columns=["id"]).to_csv(tmp_path / "d.csv", index=False)
     out = tmp_path / "s.csv"
