@@ -89,6 +89,10 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
     ours = train.build(args, model_dir, cpu, "fp32")[0].train()
     pm = peer_cpu.load_peer(model_dir, args).train()
     names = ["ours", "peer"] + [VARIANTS[v] for v in variants]
+    from lora.inject import lora_state_dict
+    theirs = dict(pm.named_parameters())  # PEFT's names: ...q_proj.lora_A.default.weight
+    init_diff = max((v - theirs["base_model.model." + k.replace(".weight", ".default.weight")]).abs().max().item()
+                    for k, v in lora_state_dict(ours).items())
 
     def kernels_ctx(name):
         if name != "ours kernels":
@@ -145,7 +149,7 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
     for n in names:
         ratio = float(np.median([x / o for o, x in zip(times["ours"], times[n])]))  # this / ours, per window
         rows.append(dict(run=n, step_s=float(np.median(times[n])), tokens_per_s=sum(toks) / sum(times[n]),
-                         time_vs_ours=ratio, windows=len(times[n])))
+                         time_vs_ours=ratio, windows=len(times[n]), init_diff=init_diff))
     return rows
 
 
@@ -220,7 +224,8 @@ def table(speed_rows: list[dict], learn_rows: list[dict]) -> str:
         for r in speed_rows:
             out.append(f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['time_vs_ours']:.3f} "
                        f"| {speed_rows[0]['tokens_per_s'] / r['tokens_per_s']:.3f} |")
-        out.append("")
+        out += ["", f"{speed_rows[0]['windows']} timed windows. Adapters at init, max |ours - peer| = "
+                    f"{speed_rows[0]['init_diff']:.1e} (same seed, same RNG draws: see peer_cpu.py).", ""]
     if learn_rows:
         out += ["Learning runs (step time: median excluding step 1; tokens/s: real tokens, steps 2..N):", "",
                 "| side | seed | step s | tokens/s | acc 0 | auc 0 | acc end | auc end | loss step 1 | loss end "
