@@ -15,15 +15,17 @@ every position) and gathers the cue: what a plain transformers user would write;
 gathers first, so both sides do the same arithmetic and the timing compares the libraries.
 Full mode (`--loss full`): every target of the window, through the chunk-free HF head.
 
-Scoring (validation and bench/score_cpu.py) is the usual HF pattern: each batch (the same rows
-and order as `predict.score`) is left-padded, positions come from the mask, `logits_to_keep=1`
+Scoring (validation and bench/score_cpu.py) is the usual HF pattern: each batch (rows in order
+of character length, as `predict.score` did before it sorted by token count) is left-padded, positions come from the mask, `logits_to_keep=1`
 keeps the last position (the cue), p_true = softmax(logit " True", logit " False").
 
 Same random numbers too: PEFT builds its lora_A / lora_B in the same module order as our
 `apply_lora` and draws from the torch RNG in the same order (nn.Linear init, then Kaiming-uniform
-A, zero B), and both dropouts are `nn.Dropout` on the adapter input, called in the same order
-after the same `torch.manual_seed(seed)` that train.py sets. So with the same --seed the adapter
-starts bit-identical (checked: max |A_ours - A_peer| = 0) and the dropout masks coincide; the
+A, zero B), and both dropouts act on the adapter input, called in the same order after the
+same `torch.manual_seed(seed)` that train.py sets. So with the same --seed the adapter starts
+bit-identical (checked: max |A_ours - A_peer| = 0), and with KERNELS=torch (ours then draws
+torch's F.dropout masks, as PEFT's nn.Dropout does, not kernels/dropout.py's cheaper ones) the
+dropout masks coincide too; the
 two runs differ only by floating-point rounding (different op order inside the libraries), which
 bench/train_cpu.py shows as the largest per-step loss difference.
 

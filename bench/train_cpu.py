@@ -11,14 +11,17 @@ them through train.py's own parser, data loader and sampler), for a few seeds. T
    adds runs: `nockpt` (ours without activation checkpointing), `kernels` (ours with kernels/
    wired in as bench/train_speed.py does it; on CPU that is the PyTorch references, whose gain is
    one dropout mask and one A GEMM for q,k,v and for gate,up), `fullhead` (the peer computing
-   logits at every position, then gathering, as a plain transformers loop would).
+   logits at every position, then gathering, as a plain transformers loop would), `torchdrop`
+   (ours drawing torch's dropout masks, KERNELS=torch, instead of kernels/dropout.py's).
 2. learning: per seed, `train.main` (in this process, --eval-every 0 so no evaluation falls inside
    a timed step) and the peer's copy of its loop, in alternating order (seed 1 ours first, seed 2
    peer first, ...). Reported per run: step time (median, first step excluded), tokens/s (real
    tokens, no padding), validation accuracy and ROC-AUC at step 0 and at the end, the load, and
    the largest per-step loss difference between the two sides: the adapters start bit-identical
-   and draw the same dropout masks (see peer_cpu.py), so that checks data, prompt, loss and
-   optimizer are the same, up to rounding.
+   and draw the same dropout masks (see peer_cpu.py; ours runs with KERNELS=torch here, which
+   on CPU changes only the dropout to torch's own masks), so that checks data, prompt, loss and
+   optimizer are the same, up to rounding. The step times of this phase are therefore ours
+   without the cheaper dropout; phase 1 times the default.
 
     python bench/train_cpu.py                                              # the main measurement
     python bench/train_cpu.py --no-learn --speed-steps 8 --threads 1 --clock cpu \
@@ -40,6 +43,7 @@ inflated by other jobs (beyond cache and memory-bandwidth sharing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -75,14 +79,14 @@ def step_stats(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- phase 1: speed
 
-VARIANTS = {"nockpt": "ours nockpt", "kernels": "ours kernels", "fullhead": "peer fullhead"}
+VARIANTS = {"nockpt": "ours nockpt", "kernels": "ours kernels", "fullhead": "peer fullhead",
+            "torchdrop": "ours torch dropout"}
 
 
 def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile: int = 0) -> list[dict]:
     """Interleaved timing on the first n_steps windows (after one warm-up window), per micro-batch:
     forward + backward of micro-batch j for every run in turn (the order flips each time), then
     each run's clip + AdamW step. A run's step time is the sum of its parts."""
-    import contextlib
     args, model_dir, tok, train_ds, _ = peer_cpu.setup(argv)
     wins = list(peer_cpu.windows(args, train_ds, n_steps + 1))  # +1: a warm-up window
     cpu = torch.device("cpu")
@@ -95,6 +99,8 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
                     for k, v in lora_state_dict(ours).items())
 
     def kernels_ctx(name):
+        if name == "ours torch dropout":
+            return torch_backend()
         if name != "ours kernels":
             return contextlib.nullcontext()
         from train_speed import kernels_in_model  # the GPU bench's wiring of kernels/ (CPU: references)
@@ -162,11 +168,24 @@ class _Clock:
         return peer_cpu.CLOCK if name == "perf_counter" else getattr(time, name)
 
 
+@contextlib.contextmanager
+def torch_backend():
+    """KERNELS=torch for a while: on CPU that changes only the LoRA dropout, to torch's own masks
+    (F.dropout, as PEFT draws them) instead of kernels/dropout.py's cheaper 16-bit draws."""
+    import kernels
+    kernels.set_backend("torch")
+    try:
+        yield
+    finally:
+        kernels.set_backend(None)
+
+
 def ours_run(argv: list[str], out: Path, tokens: list[int]) -> dict:
     t = time.perf_counter()
     saved, train.time = train.time, _Clock()
     try:
-        rc = train.main(argv + ["--out", str(out)])
+        with torch_backend():  # PEFT's dropout masks, so the two runs can be compared step by step
+            rc = train.main(argv + ["--out", str(out)])
     finally:
         train.time = saved
     if rc:
@@ -268,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="", help="extra speed rows, comma-separated: nockpt (ours without activation "
                    "checkpointing), kernels (ours with kernels/ wired in as bench/train_speed.py does; on CPU the "
                    "PyTorch references: shared dropout masks for q,k,v and gate,up), fullhead (the peer's head at "
-                   "every position)")
+                   "every position), torchdrop (ours with torch's dropout masks, KERNELS=torch)")
     p.add_argument("--profile", type=int, default=0, help="after phase 1, print the top N ops of one micro-batch per run")
     p.add_argument("--no-learn", action="store_true", help="phase 1 only")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",

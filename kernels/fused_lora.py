@@ -23,12 +23,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels.dropout import dropout as kernels_dropout
 from kernels.switch import use_triton
 
 
 def _dropped(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool) -> torch.Tensor:
     x = x.to(dtype)  # the adapters run in A's dtype (fp32 by default), as LoRALinear does
-    return F.dropout(x, dropout, training) if dropout > 0 and training else x
+    return kernels_dropout(x, dropout, training)  # as LoRALinear's LoRADropout
 
 
 def lora_multi_torch(x: torch.Tensor, a_weights: Sequence[torch.Tensor], b_weights: Sequence[torch.Tensor],

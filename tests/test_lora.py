@@ -105,12 +105,39 @@ def test_scaling_rslora_and_dropout_only_on_the_adapter_input():
     m = LoRALinear(base, 4, 8, dropout=0.5).train()
     nn.init.normal_(m.lora_B.weight)
     x = torch.randn(3, 16)
-    torch.manual_seed(7)
-    out = m(x)
-    torch.manual_seed(7)
-    ref = base(x) + nn.functional.dropout(x, 0.5) @ m.lora_A.weight.T @ m.lora_B.weight.T * 2.0
-    torch.testing.assert_close(out, ref)
+    from kernels import set_backend
+    from kernels.dropout import dropout
+    for backend in ("auto", "torch"):  # CPU default: kernels' 16-bit draws; torch: F.dropout's, as PEFT
+        set_backend(backend)
+        try:
+            torch.manual_seed(7)
+            out = m(x)
+            torch.manual_seed(7)
+            drop = dropout(x, 0.5) if backend == "auto" else nn.functional.dropout(x, 0.5)
+        finally:
+            set_backend(None)
+        ref = base(x) + drop @ m.lora_A.weight.T @ m.lora_B.weight.T * 2.0
+        torch.testing.assert_close(out, ref)
     assert "r=4" in repr(m) and "dropout=0.5" in repr(m)
+
+
+def test_dropout_masks_are_redrawn_identically_in_the_checkpoint_recompute():
+    model = randomize_lora(apply_lora(tiny_model(), r=4, alpha=8, dropout=0.3)).train()
+    x = ids()
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = ckpt
+        torch.manual_seed(11)
+        model(x).float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    torch.manual_seed(12)  # and the masks matter: another seed gives other gradients
+    model.zero_grad()
+    model(x).float().logsumexp(-1).mean().backward()
+    assert not torch.allclose(model.model.layers[0].mlp.up_proj.lora_A.weight.grad,
+                              grads[0]["model.layers.0.mlp.up_proj.lora_A.weight"])
 
 
 def test_bf16_base_keeps_fp32_adapter():
