@@ -22,7 +22,7 @@ from torch import nn
 
 from model.config import LlamaConfig
 from model.llama import Llama
-from model.quant import FLOAT_DTYPES, PRECISIONS, quantize_linear
+from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear
 
 
 class LoadError(ValueError):
@@ -141,7 +141,11 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
                     # copy=True for float precisions: a weight aliasing the mmap would keep the
                     # whole file mapped (and counted in RSS) for good. int8 / nf4 make new tensors.
                     w = t.to(device, dtype, copy=True) if precision in FLOAT_DTYPES else t.to(device)
-                    new = quantize_linear(w, precision)
+                    if precision in FLOAT_DTYPES:
+                        new = float_linear(w, dtype)
+                    else:
+                        from model.quant import quantize_linear  # bitsandbytes: int8 / nf4 only
+                        new = quantize_linear(w, precision)
                     if old.bias is not None:
                         new.bias = old.bias  # meta until (or already) loaded: keys are sorted, bias first
                     setattr(parent, child, new)

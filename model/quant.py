@@ -28,6 +28,7 @@ from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 import kernels
+from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear  # noqa: F401 (re-exported)
 
 INT8_MATMUL = "dequant"  # "dequant" (fast default) | "bnb" (bitsandbytes' LLM.int8 reference)
 # Outlier threshold of the "bnb" path: activation columns holding a value >= 6 stay in fp16.
@@ -36,8 +37,6 @@ INT8_MATMUL = "dequant"  # "dequant" (fast default) | "bnb" (bitsandbytes' LLM.i
 # features, which is where LLM.int8 loses accuracy on large models.
 BNB_THRESHOLD = 6.0
 
-PRECISIONS = ("int8", "nf4", "bf16", "fp16", "fp32")
-FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # bnb logs "inputs will be cast from ... to float16" on every LLM.int8 call that is not fp16 —
 # once per layer per step. The cast is part of the algorithm, not news: drop that one message.
@@ -254,10 +253,5 @@ def quantize_linear(weight: torch.Tensor, precision: str, bias: torch.Tensor | N
     if precision == "nf4":
         return NF4Linear.from_float(weight, bias)
     if precision in FLOAT_DTYPES:
-        dtype = FLOAT_DTYPES[precision]
-        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        m.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        return m
+        return float_linear(weight, FLOAT_DTYPES[precision], bias)
     raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -189,3 +189,20 @@ def test_bad_precision_and_empty_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.tiny().to_hf_dict()))
     with pytest.raises(LoadError, match="no model.safetensors or model.safetensors.index.json"):
         load_model(tmp_path)
+
+
+def test_float_load_does_not_import_bitsandbytes(sharded):
+    # bitsandbytes costs seconds of start-up; an fp32 / bf16 run (the CPU default) must not pay it.
+    import subprocess
+    import sys
+    from pathlib import Path
+    folder = sharded[1]
+    code = ("import sys, train, predict\n"
+            "from model.load import load_model\n"
+            f"load_model({str(folder)!r}, 'fp32'); load_model({str(folder)!r}, 'bf16')\n"
+            "assert 'bitsandbytes' not in sys.modules, 'imported'\n"
+            f"load_model({str(folder)!r}, 'int8')\n"
+            "assert 'bitsandbytes' in sys.modules\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
