@@ -16,6 +16,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+case "${1:-}" in
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    ""|--prepare) ;;
+    *) echo "gpu_run.sh: unknown argument ${1} (use --prepare, or nothing)" >&2; exit 2 ;;
+esac
+
 if [ "${1:-}" = "--prepare" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2 || exit 1
