@@ -170,8 +170,8 @@ def build_model(model_dir, precision, device, adapter=None, merge: bool = False)
     bases only: there the sum is exact to float rounding; a bf16 weight would round most of a
     small update away, and an int8 or nf4 weight cannot take it without re-quantizing).
     """
+    from lora.inject import lora_modules
     from lora.io import AdapterError, load_adapter
-    from lora.lora import LoRALinear
     from model.load import LoadError, load_model
     try:
         model = load_model(model_dir, precision=precision, device=device, dtype=compute_dtype(precision, device))
@@ -182,9 +182,8 @@ def build_model(model_dir, precision, device, adapter=None, merge: bool = False)
     if merge and adapter:
         if precision != "fp32":
             raise ValueError(f"build_model: merge needs an fp32 base, not {precision}")
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.merge()
+        for m in lora_modules(model).values():
+            m.merge()
     return model.to(device).eval()
 
 

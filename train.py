@@ -13,6 +13,7 @@ continues exactly where the run stopped (same batches, same dropout masks, same 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from predict import UserError, default_precision, format_metrics, metrics, resol
 
 REPO = Path(__file__).resolve().parent
 # Rank 0 evaluates alone while the others wait in a barrier: allow for a long validation pass.
-DIST_TIMEOUT = __import__("datetime").timedelta(hours=2)
+DIST_TIMEOUT = datetime.timedelta(hours=2)
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # Arguments that must match for --resume to continue the same run exactly.
 RESUME_KEYS = ("model", "data", "val_file", "val_fraction", "r", "alpha", "dropout", "rslora", "targets",

@@ -57,6 +57,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import kernels  # noqa: E402
 import peer_cpu  # noqa: E402
 import train  # noqa: E402
 
@@ -100,7 +101,7 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
 
     def kernels_ctx(name):
         if name == "ours torch dropout":
-            return torch_backend()
+            return kernels.backend("torch")  # on CPU: torch's dropout masks
         if name != "ours kernels":
             return contextlib.nullcontext()
         from train_speed import kernels_in_model  # the GPU bench's wiring of kernels/ (CPU: references)
@@ -168,23 +169,11 @@ class _Clock:
         return peer_cpu.CLOCK if name == "perf_counter" else getattr(time, name)
 
 
-@contextlib.contextmanager
-def torch_backend():
-    """KERNELS=torch for a while: on CPU that changes only the LoRA dropout, to torch's own masks
-    (F.dropout, as PEFT draws them) instead of kernels/dropout.py's cheaper 16-bit draws."""
-    import kernels
-    kernels.set_backend("torch")
-    try:
-        yield
-    finally:
-        kernels.set_backend(None)
-
-
 def ours_run(argv: list[str], out: Path, tokens: list[int]) -> dict:
     t = time.perf_counter()
     saved, train.time = train.time, _Clock()
     try:
-        with torch_backend():  # PEFT's dropout masks, so the two runs can be compared step by step
+        with kernels.backend("torch"):  # on CPU only the dropout changes: PEFT's masks, so the two runs can be compared step by step
             rc = train.main(argv + ["--out", str(out)])
     finally:
         train.time = saved

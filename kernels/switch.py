@@ -4,12 +4,14 @@
     KERNELS=triton  always the fast path (on CPU tensors only under TRITON_INTERPRET=1: tests)
     KERNELS=torch   always the PyTorch reference (to compare, or to rule the kernels out)
 
-`set_backend(name)` overrides the environment variable; `set_backend(None)` goes back to it.
+`set_backend(name)` overrides the environment variable; `set_backend(None)` goes back to it;
+`with backend(name):` does so for a block.
 triton is optional: it is imported only when a Triton path is actually taken, so CPU-only
 installs (requirements.txt has no triton) import kernels/ fine.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -25,6 +27,19 @@ def set_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"kernels.set_backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     _backend = name
+
+
+@contextlib.contextmanager
+def backend(name: str | None):
+    """`with kernels.backend("torch"): ...` -- set_backend(name) inside the block, then back to
+    whatever was set before."""
+    global _backend
+    saved = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = saved
 
 
 def get_backend() -> str:

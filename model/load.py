@@ -140,12 +140,11 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
                     parent, old = model.get_submodule(parent_name), model.get_submodule(mod_name)
                     # copy=True for float precisions: a weight aliasing the mmap would keep the
                     # whole file mapped (and counted in RSS) for good. int8 / nf4 make new tensors.
-                    w = t.to(device, dtype, copy=True) if precision in FLOAT_DTYPES else t.to(device)
                     if precision in FLOAT_DTYPES:
-                        new = float_linear(w, dtype)
+                        new = float_linear(t.to(device, dtype, copy=True), dtype)
                     else:
                         from model.quant import quantize_linear  # bitsandbytes: int8 / nf4 only
-                        new = quantize_linear(w, precision)
+                        new = quantize_linear(t.to(device), precision)
                     if old.bias is not None:
                         new.bias = old.bias  # meta until (or already) loaded: keys are sorted, bias first
                     setattr(parent, child, new)

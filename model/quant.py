@@ -28,7 +28,7 @@ from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 import kernels
-from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear  # noqa: F401 (re-exported)
+from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear
 
 INT8_MATMUL = "dequant"  # "dequant" (fast default) | "bnb" (bitsandbytes' LLM.int8 reference)
 # Outlier threshold of the "bnb" path: activation columns holding a value >= 6 stay in fp16.

@@ -282,6 +282,15 @@ def test_auto_picks_reference_on_cpu(backend, monkeypatch):
                        ref.int8_dequant_torch(wi, scb, torch.bfloat16))
 
 
+def test_backend_block_restores_the_previous_setting(backend):
+    backend("auto")
+    with pytest.raises(RuntimeError):
+        with kernels.backend("torch"):
+            assert kernels.get_backend() == "torch"
+            raise RuntimeError  # left by an exception: restored all the same
+    assert kernels.get_backend() == "auto"  # what was set before, not the environment's value
+
+
 def test_env_and_setter(backend, monkeypatch):
     monkeypatch.setenv("KERNELS", "torch")
     backend(None)
@@ -440,12 +449,9 @@ def test_dropout_switch():
     fast = dropout(x, 0.3)
     torch.manual_seed(3)
     assert torch.equal(fast, dropout_bits(x, 0.3))  # CPU default: the 16-bit draws
-    try:
-        kernels.set_backend("torch")
+    with kernels.backend("torch"):
         torch.manual_seed(3)
         theirs = dropout(x, 0.3)
-    finally:
-        kernels.set_backend(None)
     torch.manual_seed(3)
     assert torch.equal(theirs, torch.nn.functional.dropout(x, 0.3))  # KERNELS=torch: torch's (PEFT's) masks
     with pytest.raises(ValueError, match="0, 1"):

@@ -105,17 +105,14 @@ def test_scaling_rslora_and_dropout_only_on_the_adapter_input():
     m = LoRALinear(base, 4, 8, dropout=0.5).train()
     nn.init.normal_(m.lora_B.weight)
     x = torch.randn(3, 16)
-    from kernels import set_backend
+    from kernels import backend
     from kernels.dropout import dropout
-    for backend in ("auto", "torch"):  # CPU default: kernels' 16-bit draws; torch: F.dropout's, as PEFT
-        set_backend(backend)
-        try:
+    for name in ("auto", "torch"):  # CPU default: kernels' 16-bit draws; torch: F.dropout's, as PEFT
+        with backend(name):
             torch.manual_seed(7)
             out = m(x)
             torch.manual_seed(7)
-            drop = dropout(x, 0.5) if backend == "auto" else nn.functional.dropout(x, 0.5)
-        finally:
-            set_backend(None)
+            drop = dropout(x, 0.5) if name == "auto" else nn.functional.dropout(x, 0.5)
         ref = base(x) + drop @ m.lora_A.weight.T @ m.lora_B.weight.T * 2.0
         torch.testing.assert_close(out, ref)
     assert "r=4" in repr(m) and "dropout=0.5" in repr(m)
