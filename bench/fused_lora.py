@@ -1,4 +1,5 @@
-"""LoRA adapters of several projections that read the same input, computed together.
+"""An experiment, not used by training: LoRA adapters of several projections that read the same
+input, computed together (bench/train_speed.py --fused-lora measures it).
 
 q, k and v read the same normed x; gate and up read the same x. Run one by one (lora/lora.py),
 each adapter casts x to fp32, draws its own dropout mask over it (a (T, D) fp32 tensor kept for
@@ -23,8 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import dropout as kernels_dropout
-from kernels.switch import use_triton
+from lora.lora import dropout as kernels_dropout
 
 
 def _dropped(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool) -> torch.Tensor:
@@ -63,10 +63,10 @@ def lora_multi_cat(x: torch.Tensor, a_weights: Sequence[torch.Tensor], b_weights
 def lora_multi(x: torch.Tensor, a_weights: Sequence[torch.Tensor], b_weights: Sequence[torch.Tensor],
                scalings: Sequence[float], dropout: float = 0.0, training: bool = False
                ) -> list[torch.Tensor]:
-    """lora_multi_cat on the fast path (CUDA by default), lora_multi_torch otherwise."""
+    """lora_multi_cat on CUDA tensors, lora_multi_torch otherwise."""
     if len({a.dtype for a in a_weights}) != 1:
         raise ValueError("lora_multi: all A matrices must share one dtype")
-    fn = lora_multi_cat if use_triton(x) else lora_multi_torch
+    fn = lora_multi_cat if x.is_cuda else lora_multi_torch
     return fn(x, a_weights, b_weights, scalings, dropout, training)
 
 

@@ -1,25 +1,28 @@
-"""Cross-entropy through the vocabulary head without all the fp32 logits in memory at once.
+"""The training loss: cross-entropy on the target tokens, summed, and divided by the target count
+of the whole accumulation window (of all ranks), so 2 x batch 2 gives the gradient of 1 x batch 4.
+
+Two modes (data/prompt.py makes the targets):
+  answer  the label token at the cue only; the vocabulary head runs at one position per row
+  full    every next prompt token and the label, through `chunked_cross_entropy`
 
 Llama 3's head is 128,256 wide: a 4 x 512-token batch has 1 GiB of fp32 logits (plus their bf16
-copy and the gradient of each). `chunked_cross_entropy` instead walks the tokens in chunks:
+copy and the gradient of each). `chunked_cross_entropy` walks the tokens in chunks instead:
 logits of one chunk -> fp32 -> summed CE; the backward pass recomputes each chunk's logits
-(one more head matmul, ~1% of a training step) rather than keep them. Rows whose target is
-`ignore_index` are dropped before the matmul, so in `answer` mode (one target per example) the
-head runs on B rows, not B x T.
-
-Pure PyTorch (a Triton version is not needed: the matmuls dominate); the reference is
-`cross_entropy_torch`, the plain full-logits computation.
+(one more head matmul) rather than keep them. Rows whose target is `ignore_index` are dropped
+before the matmul. `cross_entropy_torch`, the plain full-logits computation, is its reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from data.prompt import IGNORE
+
 _CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk: 256 MiB (512 tokens at a 128k vocabulary)
 
 
 def cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+                        ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: all logits at once. Returns (sum of token losses (fp32), number of targets)."""
     logits = F.linear(hidden.to(weight.dtype), weight).float()  # (N, V)
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
@@ -56,7 +59,7 @@ class _ChunkedCE(torch.autograd.Function):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          ignore_index: int = -100, chunk: int | None = None
+                          ignore_index: int = IGNORE, chunk: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk.
 
@@ -69,7 +72,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Returns:
         (loss_sum, count): fp32 scalar SUM of the token losses (differentiable w.r.t. hidden and
         weight) and the long scalar number of counted targets. Divide by the count of the whole
-        accumulation window, not per micro-batch (DESIGN.md, flow step 5); for a per-batch mean,
+        accumulation window, not per micro-batch (see `accumulate`); for a per-batch mean,
         `loss_sum / count.clamp(min=1)`.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -86,3 +89,35 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden = hidden.to(weight.dtype)
     chunk = chunk or max(1, _CHUNK_ELEMENTS // weight.shape[0])
     return _ChunkedCE.apply(hidden, weight, targets, chunk), count
+
+
+def compute_loss(model, batch: dict, loss_mode: str, device) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (fp32)."""
+    ids, mask, targets = batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["targets"].to(device)
+    if loss_mode == "answer":  # one target per row, at the cue: the head runs there only
+        logits = model(ids, mask, logits_at=batch["cue_pos"].to(device))  # (B, V)
+        return F.cross_entropy(logits.float(), targets.gather(1, batch["cue_pos"].to(device)[:, None])[:, 0],
+                               reduction="sum")
+    h = model.hidden(ids, mask)  # (B, T, D)
+    total, _ = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_weight, targets.reshape(-1))
+    return total
+
+
+def count_targets(batches: list[dict]) -> int:
+    """Target tokens of an accumulation window (this rank's micro-batches)."""
+    return sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+
+
+def accumulate(model, batches: list[dict], loss_mode: str, device, n_targets: torch.Tensor, scaler=None) -> float:
+    """Backward over the micro-batches of one optimizer step; returns the window's mean loss.
+
+    Each micro-batch's summed loss is divided by `n_targets`, the target count of the WHOLE
+    window (all ranks), so 2 x batch 2 gives the same gradient as 1 x batch 4, whatever the
+    row lengths.
+    """
+    total = 0.0
+    for b in batches:
+        loss = compute_loss(model, b, loss_mode, device) / n_targets
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
+    return total

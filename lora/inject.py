@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from lora.lora import LoRALinear
+from model.llama import PROJECTIONS
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = tuple(p.rsplit(".", 1)[1] for p in PROJECTIONS)  # q_proj ... down_proj: the default targets
 FilterFn = Callable[[nn.Module, str], bool]
 
 

@@ -9,10 +9,7 @@ mid-save leaves the previous adapter intact.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +17,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from engine.cli import UserError
+from engine.files import atomic_write, atomic_write_text
 from lora.inject import (ALL_PROJECTIONS, apply_lora, is_linear_like, lora_modules, lora_state_dict,
                          name_matches, remove_lora)
 
@@ -29,41 +28,8 @@ PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter file or config that does not fit (format, keys, rank, shapes)."""
-
-
-# ---- atomic writes (also used by lora/merge.py) ----
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -15,8 +15,9 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from kernels.dropout import dropout as _dropout
+import kernels
 
 
 def is_float_linear(layer: nn.Module) -> bool:
@@ -27,14 +28,60 @@ def is_float_linear(layer: nn.Module) -> bool:
         and type(w) in (nn.Parameter, torch.Tensor)
 
 
+# ---------------------------------------------------------------------------------- dropout
+
+_LEVELS = 1 << 16  # dropout_bits draws 16-bit uniforms
+
+
+def dropout_bits(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of x with probability p (0 <= p < 1), differentiable, from cheaper
+    random numbers: one 64-bit word per FOUR elements, read as four 16-bit uniforms u in
+    [0, 65536). An element is dropped when u < k, k = round(p · 65536), and a kept one is scaled
+    by 65536 / (65536 - k): p at a 1/65536 resolution, and E[output] = x exactly, as F.dropout.
+    (torch's CPU dropout draws one random number per element; seven adapters per layer draw a
+    mask each, again in the checkpoint recompute.) Same seed, same mask; not F.dropout's mask."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
+    k = round(p * _LEVELS)
+    if k == 0:
+        return x
+    n = x.numel()
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    u = words.view(torch.int16)[:n].view(x.shape)  # uniform over int16: [-32768, 32767]
+    drop = u < (k - _LEVELS // 2)  # P = k / 65536
+    return x.masked_fill(drop, 0).mul_(_LEVELS / (_LEVELS - k))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training), drawn by dropout_bits on CPU. KERNELS=torch (or
+    kernels.backend("torch")) keeps F.dropout's masks, draw for draw the ones PEFT draws; on CUDA
+    F.dropout is one fused kernel already. Both draw from torch's default generator, so a seed
+    and torch.utils.checkpoint's RNG save/restore cover them (the recompute sees the same mask)."""
+    if not training or p == 0:
+        return x
+    if x.device.type == "cpu" and kernels.get_backend() != "torch":
+        return dropout_bits(x, p)
+    return F.dropout(x, p, training)
+
+
 class LoRADropout(nn.Dropout):
-    """nn.Dropout drawing its mask with kernels.dropout: on CPU one 64-bit random word per four
-    elements instead of one random number per element (torch's masks took a quarter of a CPU
-    training step of the default model; these about a tenth). KERNELS=torch gives torch's own
-    masks, draw for draw the ones PEFT draws."""
+    """nn.Dropout drawing its mask with `dropout` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training)
+
+
+# ---------------------------------------------------------------------------------- the layer
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / √r with rsLoRA."""
+    return float(alpha) / (math.sqrt(r) if rslora else r)
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The update s · B @ A (out, in) of A (r, in) and B (out, r), in fp32 (or A's dtype when wider)."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    return (b.to(dt) @ a.to(dt)) * scaling
 
 
 class LoRALinear(nn.Module):
@@ -59,7 +106,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
         self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
-        self.scaling = self.alpha / (math.sqrt(r) if rslora else r)
+        self.scaling = lora_scaling(r, alpha, rslora)
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -81,24 +128,23 @@ class LoRALinear(nn.Module):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
-        y = self.base_layer(x)
-        if self.merged:
+        y = self.base_layer(x)  # the frozen W·x (float, int8 or nf4)
+        if self.merged:  # W already holds W + s·B@A
             return y
-        a, b = self.lora_A.weight, self.lora_B.weight
-        h = self.lora_A(self.lora_dropout(x.to(a.dtype)))  # (..., r); the adapter runs in A's dtype
-        if y.dtype == b.dtype and y.is_contiguous():
-            # y + s·h@Bᵀ as ONE GEMM (addmm: beta=1, alpha=s), not a GEMM then a scale pass and an
-            # add pass over the (..., out) output: same sum, ~10% off a scoring forward on CPU.
-            y2 = torch.addmm(y.view(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scaling)
-            return y2.view(y.shape)
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # e.g. a bf16 base with fp32 adapters
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r): A·drop(x), in A's dtype
+        if y.dtype != self.lora_B.weight.dtype or not y.is_contiguous():  # e.g. a bf16 base, fp32 adapter
+            return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # y = W·x + s·B·A·drop(x)
+        # Speed trick, same sum: y + s·h@Bᵀ as ONE GEMM (addmm: beta=1, alpha=s) instead of a
+        # GEMM, then a pass to scale and a pass to add over the (..., out) output.
+        y2 = torch.addmm(y.view(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.weight.t(),
+                         alpha=self.scaling)
+        return y2.view(y.shape)
 
     # ---- merging (float bases only) ----
 
     def delta_weight(self) -> torch.Tensor:
         """s · B @ A, (out, in), in fp32 (or A's dtype when wider)."""
-        dt = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-        return (self.lora_B.weight.to(dt) @ self.lora_A.weight.to(dt)) * self.scaling
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def _check_mergeable(self) -> nn.Parameter:
         if not is_float_linear(self.base_layer):

@@ -26,36 +26,34 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lora.io import PICKLE_SUFFIXES, PREFIX, _resolve, atomic_write, atomic_write_text, read_adapter_config
+from engine.cli import UserError
+from engine.files import atomic_write, atomic_write_text
+from lora.io import PREFIX, _resolve, read_adapter_config
+from lora.lora import lora_delta, lora_scaling
 from model.config import LlamaConfig
+from model.llama import PROJECTIONS
+from model.precision import FLOAT_DTYPES, PRECISIONS
+from model.load import checkpoint_files as checkpoint_shards
 
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "tokenizer.model", "chat_template.jinja")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 # The weights model/load.py quantizes: the seven projections inside the blocks.
-QUANTIZED_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+QUANTIZED_KEY = re.compile(r"model\.layers\.\d+\.(" + "|".join(map(re.escape, PROJECTIONS)) + r")\.weight")
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """Inputs that cannot be merged (missing files, keys or shapes that do not line up)."""
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file, from model.safetensors or the shard index."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MergeError(f"{index}: no weight_map")
-        return {k: model_dir / f for k, f in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    hint = f" ({pickles[0]} is a pickle: not loaded)" if pickles else ""
-    raise MergeError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+    """tensor name -> safetensors file, for model.safetensors or the shards of the index."""
+    files, _, _ = checkpoint_shards(model_dir)
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            out.update({k: f for k in sf.keys()})
+    return out
 
 
 def read_updates(adapter: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, float]:
@@ -63,7 +61,7 @@ def read_updates(adapter: str | Path) -> tuple[dict[str, tuple[torch.Tensor, tor
     weights, _ = _resolve(adapter)
     cfg = read_adapter_config(adapter)
     r = cfg["r"]
-    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    scale = lora_scaling(r, cfg["lora_alpha"], bool(cfg.get("use_rslora")))
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -91,7 +89,7 @@ def base_weight(w: torch.Tensor, precision: str | None) -> torch.Tensor:
     if precision in (None, "fp32"):
         return w.float()
     if precision in ("bf16", "fp16"):
-        return w.to(DTYPES[precision]).float()
+        return w.to(FLOAT_DTYPES[precision]).float()
     from model.quant import dequantize, quantize_linear  # int8 / nf4 round trip, as load.py does
     return dequantize(quantize_linear(w, precision)).float()
 
@@ -150,7 +148,7 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
             if key in updates:
                 a, b = updates[key]
                 w = base_weight(t, precision if QUANTIZED_KEY.fullmatch(key) else None)
-                t = w + (b.float() @ a.float()) * scale  # (out, r) @ (r, in), in fp32
+                t = w + lora_delta(a.float(), b.float(), scale)  # (out, r) @ (r, in), in fp32
             out[key] = t.to(dtype).contiguous() if t.is_floating_point() else t
             weight_map[key] = name
         atomic_write(out_dir / name, lambda tmp, out=out: save_file(out, tmp, metadata={"format": "pt"}))
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- inputs ----
     ap.add_argument("--model", required=True, help="base model HF folder (config.json + *.safetensors)")
     ap.add_argument("--adapter", required=True, help="adapter folder or its adapter_model.safetensors")
-    ap.add_argument("--precision", choices=("int8", "nf4", "bf16", "fp16", "fp32"), default=None,
+    ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="merge into the weights as a base loaded at this precision saw them "
                          "(default: the checkpoint's own float weights, the most accurate choice)")
     # ---- output ----
@@ -206,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")
     args = ap.parse_args(argv)
     try:
-        merge_to_hf(args.model, args.adapter, args.out, args.precision, DTYPES[args.dtype],
+        merge_to_hf(args.model, args.adapter, args.out, args.precision, FLOAT_DTYPES[args.dtype],
                     parse_size(args.max_shard_size))
-    except (ValueError, OSError, SafetensorError) as e:  # AdapterError, MergeError, ConfigError, ...
+    except UserError as e:  # AdapterError, MergeError, ConfigError, LoadError: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

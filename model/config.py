@@ -9,8 +9,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config.json we cannot (or must not) turn into a model."""
 
 

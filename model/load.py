@@ -20,50 +20,30 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.cli import UserError
 from model.config import LlamaConfig
-from model.llama import Llama
+from model.llama import PROJECTIONS, Llama
 from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A checkpoint folder we cannot (or must not) load."""
 
 
-# Compute dtype (embeddings, norms, lm_head, activations) for each storage precision.
-COMPUTE_DTYPE = {"int8": torch.bfloat16, "nf4": torch.bfloat16, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "fp32": torch.float32}
-
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-# HF key → our key, with the layer index written as {}. Near identity: our module names are
-# HF's, so PEFT adapter names line up too. None means "known, deliberately not loaded".
-_FROM_HF: dict[str, str | None] = {
-    "model.embed_tokens.weight": "model.embed_tokens.weight",
-    "model.norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",  # dropped below for tied models
-    "model.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    **{f"model.layers.{{}}.{p}.{t}": f"model.layers.{{}}.{p}.{t}" for p in PROJECTIONS for t in ("weight", "bias")},
-    # Checkpoints written by transformers < 4.31 carry RoPE's inverse frequencies as a buffer.
-    # They are derived from rope_theta / rope_scaling (our model recomputes them every forward,
-    # in fp32), not learned, and were sometimes saved in 16-bit: skip them.
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
-}
+# Checkpoint keys known and deliberately not loaded. Checkpoints written by transformers < 4.31
+# carry RoPE's inverse frequencies as a buffer: derived from rope_theta / rope_scaling (our model
+# recomputes them every forward, in fp32), not learned, and sometimes saved in 16-bit.
+_SKIPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*.pth")
 
 
 def hf_to_ours(key: str, cfg: LlamaConfig) -> str | None:
-    """Our name for an HF checkpoint key; None to skip it; LoadError-worthy keys return ''."""
+    """Our name for an HF checkpoint key, or None to skip it. Our module names are HF's, so the
+    map is the identity; _check_keys refuses any key our model does not have."""
     if key == "lm_head.weight" and cfg.tie_word_embeddings:
         return None  # tied: the head IS embed_tokens; some exporters still write a copy
-    m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-    template = f"model.layers.{{}}.{m.group(2)}" if m else key
-    if template not in _FROM_HF:
-        return ""
-    ours = _FROM_HF[template]
-    return None if ours is None else ours.format(m.group(1) if m else "")
+    return None if _SKIPPED.fullmatch(key) else key
 
 
 def _refuse_pickle(f: Path):
@@ -102,7 +82,8 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
         precision: storage of the seven block projections: int8 | nf4 | bf16 | fp16 | fp32.
         device: where the model lives; quantization runs there, one tensor at a time.
         dtype: int8 / nf4 only: compute dtype, in which embeddings, norms and lm_head are
-            stored (default bf16; float precisions use their own dtype throughout).
+            stored (default bf16; float precisions use their own dtype throughout). The CLIs
+            pass model.precision.compute_dtype(precision, device).
     """
     if precision not in PRECISIONS:
         raise LoadError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -116,7 +97,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
     if precision in FLOAT_DTYPES and dtype not in (None, FLOAT_DTYPES[precision]):
         raise LoadError(f"dtype {dtype} conflicts with precision {precision!r}: a float precision "
                         f"computes in its own dtype (dtype applies to int8 / nf4)")
-    dtype = dtype or COMPUTE_DTYPE[precision]
+    dtype = dtype or FLOAT_DTYPES.get(precision, torch.bfloat16)
     cfg = LlamaConfig.from_hf_config(path)
     files, weight_map, index = checkpoint_files(path)
 
@@ -172,7 +153,7 @@ def _check_keys(files: list[Path], weight_map: dict[str, str], index: Path | Non
         with safe_open(f, framework="pt", device="cpu") as sf:
             for key in sf.keys():
                 ours = hf_to_ours(key, cfg)
-                if ours == "" or (ours is not None and ours not in expected):
+                if ours is not None and ours not in expected:
                     raise LoadError(f"{f}: unexpected key {key}")
                 plan[(f, key)] = ours
                 if ours is None:

@@ -1,7 +1,6 @@
-"""Storage precisions of the block projections, and float linears: the part of model/quant.py
-that needs no bitsandbytes, so that an fp32 or bf16 model loads without importing it (importing
-bitsandbytes costs a few seconds of start-up; model/load.py imports model/quant.py only for
-int8 and nf4)."""
+"""Storage precisions of the block projections and the dtype each computes in: the one place
+these rules are written. No bitsandbytes here, so a float model loads without importing it
+(model/load.py imports model/quant.py only for int8 and nf4)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +8,20 @@ from torch import nn
 
 PRECISIONS = ("int8", "nf4", "bf16", "fp16", "fp32")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_precision(device: torch.device) -> str:
+    """int8 on CUDA (memory is the point); fp32 on CPU, where it is exact and the fastest matmul
+    most CPUs have (no bf16 units), and the default model is small."""
+    return "int8" if device.type == "cuda" else "fp32"
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of activations (and of embeddings, norms and head) for a base at `precision`:
+    a float precision's own dtype; for int8 / nf4 bf16 on CUDA and fp32 on CPU."""
+    if precision in FLOAT_DTYPES:
+        return FLOAT_DTYPES[precision]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def float_linear(weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> nn.Linear:

@@ -4,10 +4,9 @@ Int8Linear stores what LLM.int8() stores (Dettmers et al. 2022, bitsandbytes' `I
 an int8 weight (out, in) and one absmax scale per output row, `SCB` (out,) float32, with
 W ≈ W_int8 * SCB[:, None] / 127. Two ways to compute y = x Wᵀ, picked by `INT8_MATMUL`:
 
-  "dequant" (default): dequantize W to x's dtype in one pass, then one plain GEMM. On an H100
-            this costs ~1.2x a bf16 matmul, against ~2.4x for LLM.int8 (docs/DESIGN.md).
-            `dequantize_int8` is the hook a fused kernel replaces (kernels/ may rebind
-            `model.quant.dequantize_int8`; it is looked up at call time).
+  "dequant" (default): dequantize W to x's dtype in one pass, then one plain GEMM: far cheaper
+            than LLM.int8's int8 GEMM with fp16 outliers on a GPU (the README's benchmarks).
+            On CUDA `dequantize_int8` runs as one fused Triton pass (kernels/).
   "bnb":    bitsandbytes' own LLM.int8 matmul (int8 x int8 with fp16 outlier columns), kept as
             the reference path.
 
@@ -61,15 +60,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scb
 
 
+@kernels.accelerated("int8_dequant_triton")
 def dequantize_int8(w_int8: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 (out, in) + SCB (out,) → (out, in) in `dtype`, one rounding from the fp32 product.
+    """int8 (out, in) + SCB (out,) → W = w_int8 · SCB / 127, (out, in) in `dtype`.
 
-    The hook for a fused kernel: kernels/ may rebind `model.quant.dequantize_int8` to a
-    same-signature Triton version; every caller below looks the name up at call time.
+    The `dtype` copy of the int8 weight is multiplied in place by fp32 scales: the product is
+    computed in fp32 and rounded once, with no fp32 copy of the weight.
     """
-    # kernels.int8_dequant: one fused Triton pass on CUDA; elsewhere kernels/reference.py, an
-    # in-place mul of the `dtype` tensor by fp32 scales (fp32 math, one rounding, no fp32 copy).
-    return kernels.int8_dequant(w_int8, scb, dtype)
+    return w_int8.to(dtype).mul_((scb.float() * (1.0 / 127.0)).unsqueeze(1))  # (out, in)
 
 
 class _Int8DequantMatmul(torch.autograd.Function):

@@ -20,6 +20,17 @@ import hashlib
 import json
 from pathlib import Path
 
+from engine.cli import UserError
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file we cannot read, or one without what the task needs (single-token labels)."""
+
+
+class TokenizerFileNotFound(UserError, FileNotFoundError):
+    """A model folder without any tokenizer file."""
+
+
 # Llama 3's pre-tokenizer split (Meta's tokenizer.py and HF's tokenizer.json use the same one).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -80,9 +91,9 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
                 tok, rank = line.split()
                 ranks[base64.b64decode(tok, validate=True)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}: line {lineno} is not 'base64token rank'") from None
+                raise TokenizerError(f"{path}: line {lineno} is not 'base64token rank'") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
+        raise TokenizerError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
     return ranks
 
 
@@ -116,7 +127,7 @@ def tiktoken_to_tokenizers(ranks: dict[bytes, int], special_names: list[str],
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in special_names])
     if tk.token_to_id(special_names[0]) != len(ranks):
-        raise ValueError("special tokens did not land right after the BPE ranks")
+        raise TokenizerError("special tokens did not land right after the BPE ranks")
     return tk
 
 
@@ -126,7 +137,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
 
 class _HFBackend:
@@ -196,7 +207,7 @@ class Tokenizer:
     def __init__(self, backend, bos_id: int | None, eos_id: int, pad_id: int, add_bos: bool,
                  kind: str = "", path: str = ""):
         if add_bos and bos_id is None:
-            raise ValueError(f"{path}: this tokenizer adds BOS but no BOS id could be found")
+            raise TokenizerError(f"{path}: this tokenizer adds BOS but no BOS id could be found")
         self._b = backend
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
         self.vocab_size = backend.vocab_size
@@ -222,13 +233,13 @@ class Tokenizer:
                 try:
                     backend = _HFBackend(HFTokenizer.from_file(str(f)))
                 except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-                    raise ValueError(f"{f}: cannot read tokenizer.json ({e})") from None
+                    raise TokenizerError(f"{f}: cannot read tokenizer.json ({e})") from None
                 return cls._finish(backend, d, "tokenizer.json", f)
             if is_tiktoken_file(f):
                 backend = _tiktoken_backend(f)
                 return cls._finish(backend, d, "tiktoken", f, llama3=_llama3_version(d))
             return cls._finish(_SPBackend(f), d, "sentencepiece", f)
-        raise FileNotFoundError(f"{path}: no tokenizer.json, original/tokenizer.model or "
+        raise TokenizerFileNotFound(f"{path}: no tokenizer.json, original/tokenizer.model or "
                                 f"tokenizer.model found")
 
     @classmethod
@@ -264,7 +275,7 @@ class Tokenizer:
         if i is not None:
             return i
         if isinstance(self._b, _SPBackend):
-            raise ValueError(f"{piece!r} is not one token of this sentencepiece vocabulary")
+            raise TokenizerError(f"{piece!r} is not one token of this sentencepiece vocabulary")
         ids = self._b.encode(piece)
         if len(ids) == 1:
             return ids[0]
@@ -273,7 +284,7 @@ class Tokenizer:
         base, ctx = self._b.encode("a:"), self._b.encode("a:" + piece)
         if len(ctx) == len(base) + 1 and ctx[:len(base)] == base:
             return ctx[-1]
-        raise ValueError(f"{piece!r} is not one token: it encodes to {len(ids)} tokens {ids}")
+        raise TokenizerError(f"{piece!r} is not one token: it encodes to {len(ids)} tokens {ids}")
 
     def label_ids(self) -> tuple[int, int]:
         """(id of " True", id of " False"): the tokens the model predicts after the cue."""
@@ -282,7 +293,7 @@ class Tokenizer:
             try:
                 out.append(self.token_id(piece))
             except ValueError as e:
-                raise ValueError(f"label {piece!r} must be a single token for this tokenizer "
+                raise TokenizerError(f"label {piece!r} must be a single token for this tokenizer "
                                  f"({self.path}), but: {e}") from None
         return out[0], out[1]
 
@@ -338,7 +349,7 @@ def _special_ids(backend, d: Path, kind: str, llama3: str) -> tuple[int | None, 
         if isinstance(v, str) and v:
             i = backend.lookup(v)
             if i is None:
-                raise ValueError(f"{d / 'tokenizer_config.json'}: {key} {v!r} is not in the vocabulary")
+                raise TokenizerError(f"{d / 'tokenizer_config.json'}: {key} {v!r} is not in the vocabulary")
             return i
         return None
 
@@ -373,7 +384,7 @@ def _special_ids(backend, d: Path, kind: str, llama3: str) -> tuple[int | None, 
     eos = eos if eos is not None else from_ids("eos_token_id")
     eos = eos if eos is not None else defaults["eos"]
     if eos is None:
-        raise ValueError(f"{d}: no EOS token found (tokenizer_config.json eos_token or "
+        raise TokenizerError(f"{d}: no EOS token found (tokenizer_config.json eos_token or "
                          f"config.json eos_token_id)")
     pad = from_token("pad_token")
     pad = pad if pad is not None else from_ids("pad_token_id")

@@ -1,4 +1,4 @@
-"""data/dataset.py: reading and validating tables, the prompt, truncation, splits, batches.
+"""data/read.py, data/prompt.py, data/batches.py: reading and validating tables, the prompt, truncation, splits, batches.
 
 Uses a tiny byte-level BPE (trained here in milliseconds) whose template adds BOS, like
 Llama 3's; " True" and " False" are single tokens in it.
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from data.dataset import (CUT, DEFAULT_PROMPT, EMPTY, IGNORE, DataError, Encoder,
-                          LengthGroupedSampler, RowDataset, collate, load_prompt, read_table,
-                          split_by_question, summary)
+from data.batches import LengthGroupedSampler, RowDataset, collate
+from data.prompt import CUT, DEFAULT_PROMPT, EMPTY, IGNORE, Encoder, load_prompt
+from data.read import DataError, read_table, split_by_question, summary
 from model.tokenizer import Tokenizer
 
 CUE = "Answer is correct (True/False only):"

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import train
+import engine.loss as loss_mod
 from tiny import make_workdir, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def _worker(rank, world, port, argv, fault):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     calls = {"accumulate": 0, "loss": 0}
-    real_accumulate, real_loss = train.accumulate, train.compute_loss
+    real_accumulate, real_loss = loss_mod.accumulate, loss_mod.compute_loss
 
     def accumulate(*a, **k):  # fault="sigterm": rank 1 receives SIGTERM during step 3
         calls["accumulate"] += 1
@@ -62,7 +63,7 @@ def _worker(rank, world, port, argv, fault):
             raise RuntimeError("boom on rank 1")
         return real_loss(*a, **k)
 
-    train.accumulate, train.compute_loss = accumulate, compute_loss
+    loss_mod.accumulate, loss_mod.compute_loss = accumulate, compute_loss
     code = train.main(argv)
     if code:
         sys.exit(code)

@@ -106,7 +106,7 @@ def test_scaling_rslora_and_dropout_only_on_the_adapter_input():
     nn.init.normal_(m.lora_B.weight)
     x = torch.randn(3, 16)
     from kernels import backend
-    from kernels.dropout import dropout
+    from lora.lora import dropout
     for name in ("auto", "torch"):  # CPU default: kernels' 16-bit draws; torch: F.dropout's, as PEFT
         with backend(name):
             torch.manual_seed(7)

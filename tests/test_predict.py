@@ -11,6 +11,8 @@ import pytest
 
 import predict
 import train
+from engine.build import build_model
+from engine.score import metrics, roc_auc, score
 from tiny import make_workdir, synthetic_rows, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,9 @@ def test_submission_shape_order_and_ids(trained, tmp_path):
 
 def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     import torch
-    from data.dataset import DEFAULT_PROMPT, Encoder, RowDataset, read_table
+    from data.batches import RowDataset
+    from data.prompt import DEFAULT_PROMPT, Encoder
+    from data.read import read_table
     from model.tokenizer import Tokenizer
     df = synthetic_rows(24, seed=5)
     # Character length misleads: common words are ~1 token per word, a Cyrillic letter 2 tokens.
@@ -64,12 +68,12 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     tok = Tokenizer.from_dir(trained / "model")
     ds = RowDataset(table, Encoder(tok, DEFAULT_PROMPT, 2048, "answer"), pad_id=tok.pad_id)
     cpu = torch.device("cpu")
-    model = predict.build_model(trained / "model", "fp32", cpu, trained / "run")
+    model = build_model(trained / "model", "fp32", cpu, trained / "run")
     shapes = []
     hook = model.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
-    ref = predict.score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all
+    ref = score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all
     shapes.clear()
-    got = predict.score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8)  # 3 chunks
+    got = score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8)  # 3 chunks
     hook.remove()
     np.testing.assert_allclose(got, ref, atol=1e-5)  # written back in row order across chunks
     n_tok = np.array([len(ds[i]["input_ids"]) for i in range(len(ds))])
@@ -80,10 +84,10 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     assert sum(b * t for b, t in shapes) == slots([np.sort(ch) for ch in chunks])  # batches by token count
     assert slots([np.sort(ch) for ch in chunks]) < slots(chunks)  # which beats batches by character count
 
-    merged = predict.build_model(trained / "model", "fp32", cpu, trained / "run", merge=True)
+    merged = build_model(trained / "model", "fp32", cpu, trained / "run", merge=True)
     from lora.lora import LoRALinear
     assert all(m.merged for m in merged.modules() if isinstance(m, LoRALinear))
-    np.testing.assert_allclose(predict.score(merged, ds, 4, cpu, tok.label_ids(), progress=False), ref, atol=1e-5)
+    np.testing.assert_allclose(score(merged, ds, 4, cpu, tok.label_ids(), progress=False), ref, atol=1e-5)
 
 
 def test_ids_default_to_row_numbers_and_existing_file_is_overwritten(trained, tmp_path, capsys):
@@ -108,14 +112,14 @@ def test_scores_equal_training_evaluation(trained, tmp_path):
 def test_metrics_match_hand_computation():
     y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     p = np.array([0.9, 0.6, 0.4, 0.7, 0.2, 0.1, 0.3, 0.55])
-    m = predict.metrics(y, p)
+    m = metrics(y, p)
     # pred True: rows 0,1,3,7 -> tp=3 (0,1,7), fp=1 (3); fn=1 (2); tn=3
     assert m["confusion"] == {"tp": 3, "fp": 1, "fn": 1, "tn": 3}
     assert m["accuracy"] == 6 / 8 and m["precision"] == 3 / 4 and m["recall"] == 3 / 4
     assert m["f1"] == pytest.approx(0.75)
     pairs = [(a, b) for a, b in itertools.product(p[y == 1], p[y == 0])]
     assert m["auc"] == pytest.approx(sum(a > b for a, b in pairs) / len(pairs))
-    assert predict.roc_auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5  # ties count half
+    assert roc_auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5  # ties count half
 
 
 def test_bad_rows_error_or_fallback(trained, tmp_path):

@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data.dataset import Encoder, RowDataset, read_table
+import engine.loss as loss_mod
+from engine.checkpoint import find_checkpoint
+from engine.cli import UserError
+from engine.trainer import get_lr
+from data.batches import RowDataset
+from data.prompt import Encoder
+from data.read import read_table
 from lora.inject import apply_lora
 from model.load import load_model
 from model.tokenizer import Tokenizer
@@ -40,13 +46,13 @@ def adapter(out):
 
 def test_get_lr_schedule():
     kw = dict(lr=1.0, steps=110, warmup=10)
-    assert train.get_lr(0, scheduler="cosine", **kw) == pytest.approx(0.1)
-    assert train.get_lr(9, scheduler="cosine", **kw) == pytest.approx(1.0)
-    assert train.get_lr(10, scheduler="cosine", **kw) == pytest.approx(1.0)
-    assert train.get_lr(60, scheduler="cosine", **kw) == pytest.approx(0.5)
-    assert train.get_lr(110, scheduler="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
-    assert train.get_lr(60, scheduler="linear", **kw) == pytest.approx(0.5)
-    assert train.get_lr(100, scheduler="constant", **kw) == 1.0
+    assert get_lr(0, scheduler="cosine", **kw) == pytest.approx(0.1)
+    assert get_lr(9, scheduler="cosine", **kw) == pytest.approx(1.0)
+    assert get_lr(10, scheduler="cosine", **kw) == pytest.approx(1.0)
+    assert get_lr(60, scheduler="cosine", **kw) == pytest.approx(0.5)
+    assert get_lr(110, scheduler="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert get_lr(60, scheduler="linear", **kw) == pytest.approx(0.5)
+    assert get_lr(100, scheduler="constant", **kw) == 1.0
 
 
 def test_loss_falls_and_outputs_written(tiny, tmp_path):
@@ -83,7 +89,7 @@ def test_accumulation_matches_one_big_batch(tiny):
     for batches in ([ds.batch(rows)], [ds.batch(rows[:2]), ds.batch(rows[2:])]):
         model.zero_grad()
         n = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in batches)))
-        loss = train.accumulate(model, batches, "full", "cpu", n)
+        loss = loss_mod.accumulate(model, batches, "full", "cpu", n)
         grads.append(([p.grad.clone() for p in params], loss))
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
     for a, b in zip(grads[0][0], grads[1][0]):
@@ -153,7 +159,7 @@ def test_sigterm_writes_checkpoint(tiny, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
-    real = train.compute_loss
+    real = loss_mod.compute_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, mode, device):
@@ -161,9 +167,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
         loss = real(model, batch, mode, device)
         return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-batches each)
 
-    monkeypatch.setattr(train, "compute_loss", poisoned)
+    monkeypatch.setattr(loss_mod, "compute_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(train.UserError, match=r"non-finite loss \(nan\) at step 2.*Last good checkpoint"):
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 2.*Last good checkpoint"):
         train.main(base_args(tiny, out, "--steps", "5", "--save-every", "1"))
     assert checkpoint_step(out) == 2
     assert (out / "checkpoint" / "adapter_model.safetensors").is_file()
@@ -184,14 +190,14 @@ def test_user_errors_are_one_line(tiny, tmp_path):
                        (["--resume"], "no checkpoint"),
                        (["--targets", "qproj"], "qproj"),
                        (["--precision", "fp16"], "fp16 needs CUDA")):
-        with pytest.raises(train.UserError, match=msg):
+        with pytest.raises(UserError, match=msg):
             train.main(base_args(tiny, tmp_path / "fresh", *extra))
 
 
 def test_resume_refuses_a_different_run(tiny, tmp_path):
     out = tmp_path / "run"
     assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "2")) == 0
-    with pytest.raises(train.UserError, match=r"--r\b.*differ"):
+    with pytest.raises(UserError, match=r"--r\b.*differ"):
         train.main(base_args(tiny, out, "--steps", "4", "--resume", "--r", "8"))
 
 
@@ -206,23 +212,23 @@ def test_adamw8bit_checkpoint_round_trips(tiny, tmp_path):
 def test_existing_run_is_not_clobbered_and_half_swapped_checkpoint_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "1")) == 0
-    with pytest.raises(train.UserError, match="--resume .* or --overwrite"):
+    with pytest.raises(UserError, match="--resume .* or --overwrite"):
         train.main(base_args(tiny, out, "--steps", "2"))
     # A kill between atomic_write_dir's two renames leaves checkpoint.old only.
     (out / "checkpoint").rename(out / "checkpoint.old")
-    assert train.find_checkpoint(out / "checkpoint") == out / "checkpoint.old"
+    assert find_checkpoint(out / "checkpoint") == out / "checkpoint.old"
     assert train.main(base_args(tiny, out, "--steps", "2", "--save-every", "1", "--resume")) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # resumed at step 2: nothing left to do
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny, tmp_path, monkeypatch):
-    real = train.accumulate
+    real = loss_mod.accumulate
 
     def poisoned(model, *a, **k):
         loss = real(model, *a, **k)
         next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
         return loss
 
-    monkeypatch.setattr(train, "accumulate", poisoned)
-    with pytest.raises(train.UserError, match="non-finite gradient norm at step 0"):
+    monkeypatch.setattr(loss_mod, "accumulate", poisoned)
+    with pytest.raises(UserError, match="non-finite gradient norm at step 0"):
         train.main(base_args(tiny, tmp_path / "g", "--steps", "2"))

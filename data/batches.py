@@ -1,0 +1,183 @@
+"""Batches: length-grouped, seeded, resumable order over a table's rows, tokenized lazily and
+right-padded into the tensors the model takes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data.prompt import IGNORE, Encoder
+
+
+def char_lengths(df: pd.DataFrame) -> np.ndarray:
+    """Cheap length proxy for bucketing: characters of question + solution + answer."""
+    def n(col):
+        s = df[col]
+        if s.dtype == object:  # read_table's columns: map(len) beats .str.len() by ~4x
+            try:
+                return np.fromiter(map(len, s.to_numpy()), np.int64, len(s))
+            except TypeError:  # a non-string value (NaN) somewhere
+                pass
+        return s.str.len().fillna(0).to_numpy(np.int64)
+    return n("question") + n("solution") + n("answer")
+
+
+class LengthGroupedSampler:
+    """Batches of row positions with similar lengths, in a seeded, resumable, infinite order.
+
+    Each epoch: permute all rows (seed + epoch), cut into mega-batches of `mega_batches`
+    batches, sort each mega-batch by length (longest first), cut into batches, shuffle the
+    batch order. Batches are homogeneous in length (little padding) yet the order is random.
+    shuffle=False sorts the whole set by length, longest first (for scoring).
+    With world_size > 1 every rank walks the same global order and takes every
+    world_size-th batch starting at `rank`; the tail that would give ranks unequal counts is
+    dropped, so all ranks take the same number of steps.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, mega_batches: int = 64):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.mega_batches = mega_batches
+        self.epoch, self.position = 0, 0
+        self._cached = (None, None)
+        if len(self) == 0:
+            raise ValueError(f"{len(self.lengths)} rows give no batch of {batch_size} "
+                             f"for each of {world_size} rank(s)")
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        n, bs = len(self.lengths), self.batch_size
+        total = n // bs if self.drop_last else -(-n // bs)
+        return total // self.world_size
+
+    def _global(self, epoch: int) -> list[np.ndarray]:
+        bs = self.batch_size
+        if self.shuffle:
+            rng = np.random.default_rng(self.seed + epoch)
+            perm = rng.permutation(len(self.lengths))
+            mega = bs * self.mega_batches
+            batches = []
+            for s in range(0, len(perm), mega):
+                chunk = perm[s:s + mega]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+        else:
+            rng = None
+            order = np.argsort(-self.lengths, kind="stable")
+            batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        if self.drop_last and len(batches[-1]) < bs:
+            batches.pop()  # only the last one can be short
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order."""
+        if self._cached[0] != epoch:
+            g = self._global(epoch)
+            mine = g[self.rank:len(self) * self.world_size:self.world_size]
+            self._cached = (epoch, [b.tolist() for b in mine])
+        return self._cached[1]
+
+    def next_batch(self) -> list[int]:
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.epoch_batches(self.epoch)[self.position]
+        self.position += 1
+        return batch
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        self._cached = (None, None)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad examples into the batch dict the trainer and predictor consume."""
+    B = len(examples)
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        targets[b, :n] = torch.tensor(e["targets"], dtype=torch.long)
+        mask[b, :n] = True
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "attention_mask": mask,  # (B, T) True on real tokens
+        "targets": targets,  # (B, T) -100 where no loss
+        "cue_pos": mask.sum(1) - 1,  # (B,) last real token = the cue
+        "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),  # (B,)
+        "index": torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long),  # (B,)
+    }
+
+
+class RowDataset:
+    """A table's rows, tokenized lazily (with a small LRU cache) when a batch asks for them.
+
+    Positions are 0..len-1 in df's order. Each example's `index` is the source table's data
+    row: df's `_row` column (read_table adds it) or else df's index. `lengths` is the cheap
+    character-length proxy per position, for LengthGroupedSampler. `stats` counts the rows
+    encoded so far and how many of them were truncated."""
+
+    def __init__(self, df: pd.DataFrame, encoder: Encoder, pad_id: int | None = None,
+                 cache_size: int = 4096):
+        self.df = df
+        self.source_rows = df["_row"].to_numpy() if "_row" in df.columns else df.index.to_numpy()
+        self.encoder = encoder
+        self.pad_id = encoder.tok.pad_id if pad_id is None else pad_id
+        self.lengths = char_lengths(df)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._seen = np.zeros(len(df), dtype=bool)
+        self._truncated = np.zeros(len(df), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def get_batch(self, positions) -> list[dict]:
+        positions = [int(i) for i in positions]
+        missing = [i for i in dict.fromkeys(positions) if i not in self._cache]
+        if missing:
+            rows = self.df.iloc[missing][["question", "answer", "solution", "label"]].to_dict("records")
+            for i, ex in zip(missing, self.encoder.encode_many(rows)):
+                ex["index"] = int(self.source_rows[i])
+                self._seen[i] = True
+                self._truncated[i] = ex["truncated"]
+                self._cache[i] = ex
+        out = []
+        for i in positions:
+            self._cache.move_to_end(i)
+            out.append(self._cache[i])
+        while len(self._cache) > max(self.cache_size, len(positions)):
+            self._cache.popitem(last=False)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get_batch([i])[0]
+
+    def batch(self, positions) -> dict:
+        """collate(get_batch(positions)) with the tokenizer's pad id."""
+        return collate(self.get_batch(positions), self.pad_id)
+
+    @property
+    def stats(self) -> dict:
+        return {"rows": len(self), "encoded": int(self._seen.sum()),
+                "truncated": int(self._truncated.sum())}

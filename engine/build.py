@@ -1,0 +1,54 @@
+"""A base model at a precision on a device, plus an adapter: what train.py, predict.py and the
+benchmarks all start from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from engine.cli import UserError
+from lora.inject import lora_modules
+from lora.io import load_adapter
+from model.load import load_model
+from model.precision import compute_dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device
+    return device
+
+
+def build_model(model_dir, precision: str, device: torch.device, adapter=None, merge: bool = False):
+    """The base at `precision` on `device`, plus the adapter if given, in eval mode.
+
+    merge: fold the adapter into the weights (W + s·B@A) so scoring runs the plain base (fp32
+    bases only: there the sum is exact to float rounding; a bf16 weight would round most of a
+    small update away, and an int8 or nf4 weight cannot take it without re-quantizing).
+    """
+    model = load_model(model_dir, precision=precision, device=device, dtype=compute_dtype(precision, device))
+    if adapter:
+        load_adapter(model, adapter)
+    if merge and adapter:
+        if precision != "fp32":
+            raise ValueError(f"build_model: merge needs an fp32 base, not {precision}")
+        for m in lora_modules(model).values():
+            m.merge()
+    return model.to(device).eval()
+
+
+def adapter_run_args(adapter: str | Path) -> dict:
+    """The args.json train.py saved beside (or one folder above) the adapter, if any."""
+    p = Path(adapter)
+    folder = p if p.is_dir() else p.parent
+    for cand in (folder / "args.json", folder.parent / "args.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return {}

@@ -1,0 +1,87 @@
+"""Scoring: p_true for each row, and the metrics of p_true against labels.
+
+One forward pass per batch, no generation: at the cue ("Answer is correct (True/False only):")
+the model's logits for " True" and " False" are compared, p_true = softmax(logit(False),
+logit(True))[1]. The vocabulary head runs at that one position only. train.py's evaluation and
+predict.py both score with `score`, so validation numbers and predictions come from one code path.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.batches import RowDataset, collate
+
+
+@torch.no_grad()
+def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
+          progress: bool = True, chunk_rows: int = 1024) -> np.ndarray:
+    """p_true for every row of `ds`, in row order.
+
+    Rows go in order of character length, `chunk_rows` at a time; each chunk is tokenized, then
+    re-sorted by token count and cut into batches, so a batch's rows have (nearly) the same
+    number of tokens and little of a batch is padding.
+    """
+    was_training = model.training
+    model.eval()
+    by_chars = np.argsort(ds.lengths, kind="stable")
+    chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # whole batches per chunk
+    p_true = np.zeros(len(ds), dtype=np.float64)
+    t_id, f_id = label_ids
+    bar = tqdm(total=len(ds), desc="score", unit="row", disable=not progress, leave=False, file=sys.stderr)
+    for c in range(0, len(by_chars), chunk_rows):
+        part = by_chars[c:c + chunk_rows]
+        examples = ds.get_batch(part)  # tokenizes the chunk
+        by_tokens = np.argsort([len(ex["input_ids"]) for ex in examples], kind="stable")
+        for s in range(0, len(by_tokens), batch_size):
+            sel = by_tokens[s:s + batch_size]
+            b = collate([examples[j] for j in sel], ds.pad_id)
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                           logits_at=b["cue_pos"].to(device))  # (B, V)
+            two = logits[:, [f_id, t_id]].float()  # (B, 2)
+            p_true[part[sel]] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
+            bar.update(len(sel))
+    bar.close()
+    model.train(was_training)
+    return p_true
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney U / (n_pos n_neg), ties counted half. NaN when one class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    s = np.asarray(scores)[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(labels: np.ndarray, p_true: np.ndarray) -> dict:
+    """Accuracy, precision, recall, F1 (True is the positive class), confusion matrix, ROC-AUC."""
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(p_true) > 0.5
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(n=len(y), accuracy=(tp + tn) / max(len(y), 1), precision=precision, recall=recall, f1=f1,
+                auc=roc_auc(y, p_true), confusion={"tp": tp, "fp": fp, "fn": fn, "tn": tn})
+
+
+def format_metrics(m: dict) -> str:
+    c = m["confusion"]
+    return (f"n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} P={m['precision']:.3f} "
+            f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")

@@ -1,0 +1,280 @@
+"""What a training run is made of, apart from its loop (train.py): the run's config, the
+learning-rate schedule, data, adapter, optimizer, evaluation, the metrics log and plot, and the
+data-parallel helpers.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.batches import RowDataset
+from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
+from data.read import read_table, split_by_question
+from engine.build import build_model, resolve_device
+from engine.cli import UserError
+from engine.score import format_metrics, metrics, score
+from lora.inject import ALL_PROJECTIONS, apply_lora, mark_only_lora_trainable, param_summary
+from model.precision import PRECISIONS
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRAIN, DEFAULT_VAL = REPO / "data" / "gsm8k_train.csv", REPO / "data" / "gsm8k_val.csv"
+# Rank 0 evaluates alone while the others wait in a barrier: allow for a long validation pass.
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's settings: train.py's flags, by the same names (see `--help`)."""
+    # model and data
+    model: str | None = None  # HF folder; None: the embedded default
+    cache_dir: str | None = None  # where the default model is converted and kept
+    data: str | None = None  # training rows; None: data/gsm8k_train.csv
+    val_file: str | None = None  # None: data/gsm8k_val.csv with the default data, else a split of data
+    val_fraction: float = 0.05  # share of questions held out when there is no val_file
+    val_rows: int | None = None  # evaluate on at most this many validation rows (a seeded sample)
+    out: str = "runs/default"
+    prompt_file: str | None = None  # None: data/prompt.py's DEFAULT_PROMPT
+    max_seq_len: int = 512
+    skip_bad_rows: bool = False
+    # LoRA
+    r: int = 32
+    alpha: float = 64
+    dropout: float = 0.1
+    rslora: bool = False
+    targets: str = ",".join(ALL_PROJECTIONS)
+    # precision and device
+    precision: str | None = None  # None: model/precision.py's default_precision(device)
+    device: str = "auto"
+    # optimisation
+    lr: float = 4e-4
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup: float = 0.03  # steps (>= 1) or a fraction of steps (< 1)
+    batch_size: int = 4  # rows per micro-batch, per rank
+    grad_accum: int = 6
+    steps: int = 400
+    loss: str = "answer"  # answer | full
+    optim: str = "adamw"  # adamw | adamw8bit
+    weight_decay: float = 0.0
+    clip: float = 1.0  # 0: off
+    grad_checkpointing: bool = True
+    seed: int = 42
+    # evaluation and checkpoints
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    save_every: int = 50
+    resume: str | None = None  # "": OUT/checkpoint; a folder: that checkpoint
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("r", "batch_size", "grad_accum", "steps", "max_seq_len", "save_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise UserError("--dropout must be in [0, 1)")
+        if not 0 < self.val_fraction < 1:
+            raise UserError("--val-fraction must be in (0, 1)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(self.warmup * self.steps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Settings that must match for --resume to continue the same run exactly.
+RESUME_KEYS = ("model", "data", "val_file", "val_fraction", "r", "alpha", "dropout", "rslora", "targets",
+               "precision", "batch_size", "grad_accum", "max_seq_len", "loss", "optim", "seed", "prompt_file",
+               "lr", "scheduler", "warmup", "steps", "clip", "weight_decay", "val_rows")
+assert set(RESUME_KEYS) <= {f.name for f in fields(TrainConfig)}
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def get_lr(step: int, *, lr: float, steps: int, warmup: int, scheduler: str) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if scheduler == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    if scheduler == "linear":
+        return lr * max(0.0, 1 - progress)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_distributed(device_arg: str):
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_arg)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=DIST_TIMEOUT)
+    else:
+        device = resolve_device("cpu" if device_arg == "auto" else device_arg)
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    return rank, world, device
+
+
+def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
+    """(train rows, validation rows, the training file's read stats)."""
+    default = cfg.data is None
+    data = Path(cfg.data) if cfg.data else DEFAULT_TRAIN
+    template = load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT
+    df, stats = read_table(data, skip_bad_rows=cfg.skip_bad_rows, require_label=True)
+    val_file = cfg.val_file or (DEFAULT_VAL if default else None)
+    if val_file:
+        val_df, _ = read_table(val_file, skip_bad_rows=cfg.skip_bad_rows, require_label=True)
+    else:
+        df, val_df = split_by_question(df, cfg.val_fraction, cfg.seed)
+    if cfg.val_rows and len(val_df) > cfg.val_rows:
+        val_df = val_df.sample(n=cfg.val_rows, random_state=cfg.seed).sort_index()
+    train_ds = RowDataset(df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, cfg.loss), pad_id=tok.pad_id)
+    val_ds = RowDataset(val_df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, "answer"), pad_id=tok.pad_id)
+    return train_ds, val_ds, stats
+
+
+def build_for_training(cfg: TrainConfig, model_dir: Path, device: torch.device):
+    """The base at cfg.precision with fresh adapters (seeded by cfg.seed); only A and B train."""
+    targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t.split(".")[-1] not in ALL_PROJECTIONS]
+    if bad:
+        raise UserError(f"--targets: {', '.join(bad)} not supported (choose from {','.join(ALL_PROJECTIONS)})")
+    model = build_model(model_dir, cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # adapter init
+    try:
+        apply_lora(model, targets=tuple(targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+    except ValueError as e:
+        raise UserError(f"--targets {cfg.targets}: {e}") from None
+    mark_only_lora_trainable(model)
+    model.to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model, param_summary(model)
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optim == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def estimate_peak_gib(model, cfg: TrainConfig, act_bytes: int) -> float:
+    """A rough device-memory estimate: weights + adapter training state + activations."""
+    mc = model.cfg
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adam = lora * (4 + 4 + (2 if cfg.optim == "adamw8bit" else 8))  # grad + two moments
+    tokens = cfg.batch_size * cfg.max_seq_len
+    per_layer_full = tokens * (6 * mc.hidden_size + 3 * mc.intermediate_size) * act_bytes
+    layers = mc.num_hidden_layers
+    acts = (layers * tokens * mc.hidden_size * act_bytes + per_layer_full if cfg.grad_checkpointing
+            else layers * per_layer_full)
+    head = (cfg.batch_size if cfg.loss == "answer" else 1024) * mc.vocab_size * 4 * 2
+    return (weights + adam + acts + head) / 2**30
+
+
+def truncated_share(ds: RowDataset, n: int = 200) -> float:
+    """Share of rows cut to fit max_seq_len, from a fixed sample (tokenizing all would be slow)."""
+    sample = np.random.default_rng(0).choice(len(ds), size=min(n, len(ds)), replace=False)
+    return float(np.mean([ds[int(i)]["truncated"] for i in sample])) if len(ds) else 0.0
+
+
+# ----------------------------------------------------------------------------- during the run
+
+def evaluate(model, val_ds: RowDataset, cfg: TrainConfig, device, label_ids, step: int, log) -> dict:
+    """Validation metrics at `step`, logged and printed."""
+    p = score(model, val_ds, cfg.eval_batch_size, device, label_ids)
+    m = metrics(val_ds.df["is_correct"].to_numpy(), p)
+    log({"step": step, "eval": m})
+    tqdm.write(f"step {step:>5} validation: {format_metrics(m)}", file=sys.stderr)
+    return m
+
+
+def all_reduce_grads(params: list, loss_sum: float, device) -> float:
+    """Sum the adapter gradients (and the loss) over ranks in one flat all-reduce.
+
+    Explicit rather than DistributedDataParallel: only A and B have gradients, the sync must
+    happen once per accumulation window, and the loss is already normalised by the global
+    target count, so a plain sum is the exact gradient of the global batch.
+    """
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum], device=device)])
+    dist.all_reduce(flat)
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    return flat[-1].item()
+
+
+def parse_json_line(line: str) -> dict | None:
+    try:  # a line torn by a kill mid-write is dropped, not fatal
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per line (steps and evaluations), flushed as written. On
+    resume the records up to the checkpoint's step are kept and the rest dropped."""
+
+    def __init__(self, path: Path, resume_step: int, write: bool):
+        self.records = []
+        if resume_step and path.is_file():
+            self.records = [r for r in map(parse_json_line, path.read_text().splitlines())
+                            if r and r["step"] <= resume_step]
+        self.file = open(path, "w") if write else None
+        for r in self.records if self.file else ():
+            self.file.write(json.dumps(r) + "\n")
+
+    def __call__(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def plot(out: Path, records: list[dict]) -> None:
+    """loss.png: training loss and validation accuracy over the steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    ev = [(r["step"], r["eval"]["accuracy"]) for r in records if "eval" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    if ev:
+        ax2.plot(*zip(*ev), "o-", label="val accuracy", color="tab:orange")
+    ax2.set_ylabel("validation accuracy")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png.tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(out / "loss.png.tmp.png", out / "loss.png")
