@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import logging
 
-import bitsandbytes as bnb
+# bitsandbytes' CPU backend tries, at import, to fetch an optional 4-bit kernel from the Hugging
+# Face hub through a `kernels` package, and logs a warning when it cannot (always, offline; and
+# our own kernels/ package shadows that name). NF4Linear does not use that kernel: drop the line.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda r: "kernels-community" not in r.getMessage())
+
+import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F

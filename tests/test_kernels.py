@@ -19,10 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":  # the interpreter subprocess: set before anything imports triton
-    if "--interpret" in sys.argv:
-        os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and "--interpret" in sys.argv:  # the interpreter subprocess (PYTHONPATH=ROOT):
+    os.environ["TRITON_INTERPRET"] = "1"  # set before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -152,7 +150,7 @@ def triton_rows():
         rows = compare_all("cuda", torch.float32, "big") + compare_all("cuda", torch.bfloat16, "big")
         where = f"CUDA, {torch.cuda.get_device_name(0)}"
     else:
-        env = dict(os.environ, TRITON_INTERPRET="1", KERNELS="triton")
+        env = dict(os.environ, TRITON_INTERPRET="1", KERNELS="triton", PYTHONPATH=str(ROOT))
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret"],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:

@@ -1,0 +1,32 @@
+"""The project's shape: the CLIs stand on the library, and nothing imports them."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLIS = {"train", "predict"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    mods = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_no_file_imports_a_cli():
+    # Tests may drive the CLIs in-process (train.main, predict.main); nothing else may import
+    # them: what two programs share belongs to the library (engine/, model/, lora/, data/).
+    files = [p for p in REPO.rglob("*.py") if not {".venv", "tests", ".git"} & set(p.relative_to(REPO).parts)]
+    assert len(files) > 20
+    offenders = [f"{p.relative_to(REPO)} imports {m}" for p in files for m in imported_modules(p) & CLIS]
+    assert not offenders, offenders
+
+
+def test_nothing_edits_sys_path():
+    files = [p for p in REPO.rglob("*.py") if not {".venv", ".git"} & set(p.relative_to(REPO).parts)]
+    offenders = [str(p.relative_to(REPO)) for p in files if "sys.path" in p.read_text(encoding="utf-8")
+                 and p.name != "test_structure.py"]
+    assert not offenders, offenders
