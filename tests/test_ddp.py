@@ -104,7 +104,36 @@ def test_resume_under_two_ranks(tiny, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def _logged_worker(rank, world, port, argv, fault, log_dir):
+    """_worker with this rank's stderr in log_dir/rank<N>.txt and its exit code as the process's."""
+    with open(Path(log_dir) / f"rank{rank}.txt", "w") as f:
+        os.dup2(f.fileno(), 2)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        try:
+            _worker(rank, world, port, argv, fault)
+        except SystemExit as e:
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+
+
 def test_one_rank_failing_ends_the_run_with_its_message(tiny, tmp_path):
-    with pytest.raises(Exception, match="boom on rank 1"):
-        spawn(args_for(tiny, tmp_path / "fail", "--steps", "4", "--batch-size", "2", "--grad-accum", "1"),
-              fault="raise")
+    # Two independent processes, no launcher to kill the survivor: rank 0 must end by itself.
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    argv = args_for(tiny, tmp_path / "fail", "--steps", "4", "--batch-size", "2", "--grad-accum", "1")
+    procs = [ctx.Process(target=_logged_worker, args=(r, 2, port, argv, "raise", str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank outlived the failing one (it would hang until the 2-hour timeout)"
+    assert [p.exitcode != 0 for p in procs] == [True, True]
+    assert "boom on rank 1" in (tmp_path / "rank1.txt").read_text()

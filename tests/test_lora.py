@@ -349,11 +349,16 @@ def test_refuses_pickles_and_bad_configs(saved, tmp_path):
         cfg_path.write_text(json.dumps(dict(cfg, **bad)))
         with pytest.raises(AdapterError, match=msg):
             load_adapter(tiny_model(), saved)
+    cfg_path.write_text(json.dumps(cfg))
+    weights = (saved / "adapter_model.safetensors").read_bytes()
+    for broken in (b"garbage", weights[:len(weights) // 2]):  # not safetensors; a cut download
+        (saved / "adapter_model.safetensors").write_bytes(broken)
+        with pytest.raises(AdapterError, match="adapter_model.safetensors: unreadable safetensors file"):
+            load_adapter(tiny_model(), saved)
     cfg_path.unlink()
     with pytest.raises(AdapterError, match="no adapter config"):
         load_adapter(tiny_model(), saved)
-    (saved / "adapter_model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError, match="nothing.safetensors: no such file"):
         read_adapter_config(saved / "nothing.safetensors")
 
 

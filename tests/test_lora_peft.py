@@ -94,8 +94,17 @@ def test_peft_regex_and_all_linear_targets(tmp_path):
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
     randomize((n, p) for n, p in pm.named_parameters() if "lora_" in n)
     pm.eval().save_pretrained(tmp_path / "all")
+    cfg_file = tmp_path / "all" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert isinstance(cfg["target_modules"], list)  # PEFT 0.21 saves "all-linear" expanded
     load_adapter(ours, tmp_path / "all")
     assert len(lora_modules(ours)) == 14
+    torch.testing.assert_close(logits(ours), logits(pm), atol=ATOL, rtol=ATOL)
+    # The literal "all-linear" (older PEFT wrote it, and hand-made configs do): every linear but the head.
+    cfg_file.write_text(json.dumps(dict(cfg, target_modules="all-linear")))
+    _, ours = hf_and_ours()
+    load_adapter(ours, tmp_path / "all")
+    assert len(lora_modules(ours)) == 14 and "lm_head" not in lora_modules(ours)
     torch.testing.assert_close(logits(ours), logits(pm), atol=ATOL, rtol=ATOL)
 
 
