@@ -11,8 +11,8 @@ W ≈ W_int8 * SCB[:, None] / 127. Two ways to compute y = x Wᵀ, picked by `IN
             the reference path.
 
 Either way only the input gets a gradient: the base is frozen, LoRA trains beside it.
-NF4Linear is bitsandbytes' Linear4bit (QLoRA's NF4, double-quantized scales) computing in the
-activation's dtype.
+NF4Linear stores bitsandbytes' Linear4bit weights (QLoRA's NF4, double-quantized scales) and
+computes the same way: dequantize to the activation's dtype, then one GEMM.
 """
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ class _Int8DequantMatmul(torch.autograd.Function):
         w_int8, scb = ctx.saved_tensors
         grad_x = grad_out @ dequantize_int8(w_int8, scb, grad_out.dtype)  # (..., out) @ (out, in)
         return grad_x, None, None
+
+
+class _NF4DequantMatmul(torch.autograd.Function):
+    """y = x @ dequant(W)ᵀ for a packed NF4 weight; like _Int8DequantMatmul, backward dequantizes
+    again rather than keep a float copy."""
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state):
+        ctx.save_for_backward(packed)
+        ctx.quant_state = quant_state
+        return F.linear(x, bnbF.dequantize_4bit(packed, quant_state).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (packed,) = ctx.saved_tensors
+        return grad_out @ bnbF.dequantize_4bit(packed, ctx.quant_state).to(grad_out.dtype), None, None
 
 
 def _bnb_int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
@@ -221,12 +237,12 @@ class NF4Linear(Linear4bit):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Not Linear4bit.forward: that one latches its compute dtype on the first call and, on
-        # CPUs with AVX512-BF16, repacks the weight in place for inference. Here the 4-bit weight
-        # is dequantized to x's dtype on every call (bnb's gemm_4bit) and never changes.
+        # As Int8Linear: dequantize to x's dtype, then one plain GEMM (not bitsandbytes' 4-bit
+        # matmul, which on CPU differs from x @ dequantize(W)ᵀ by more than rounding), so a merged
+        # export (lora/merge.py --precision nf4) reproduces exactly the function that was trained.
         fix_4bit_weight_quant_state_from_module(self)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bnb.matmul_4bit(x, self.weight, quant_state=self.weight.quant_state, bias=bias)
+        y = _NF4DequantMatmul.apply(x, self.weight.data, self.weight.quant_state)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in) this layer computes with."""

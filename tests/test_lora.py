@@ -428,7 +428,7 @@ def test_merge_cli_quantized_merges_into_dequantized_weights(base_and_adapter, t
                  "--precision", precision, "--dtype", "fp32"]) == 0
     assert f"into the {precision} weights" in capsys.readouterr().out
     q = load_adapter(load_model(base, precision, dtype=torch.float32), adapter).eval()
-    torch.testing.assert_close(_logits(load_model(out, "fp32").eval()), _logits(q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(load_model(out, "fp32").eval()), _logits(q), atol=1e-5, rtol=1e-5)
 
 
 def test_merge_cli_errors_exit_2(base_and_adapter, tmp_path, capsys):

@@ -191,3 +191,37 @@ def test_quantize_linear_and_dequantize(lin):
         quantize_linear(w, "int4")
     with pytest.raises(TypeError, match="Conv1d"):
         dequantize(nn.Conv1d(1, 1, 1))
+
+
+# QLoRA's NF4 code (Dettmers et al. 2023, appendix E): 16 quantiles of N(0, 1), scaled to [-1, 1].
+NF4_CODE = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def test_nf4_dequantize_is_the_code_table_times_block_absmax():
+    # An independent decode of the packed storage: two 4-bit indices per byte (high nibble
+    # first), each block of 64 weights scaled by its absmax.
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    m = NF4Linear.from_float(w, compress_statistics=False)
+    packed, qs = m.weight.data.flatten(), m.weight.quant_state
+    idx = torch.stack([(packed >> 4).long(), (packed & 15).long()], 1).flatten()
+    want = (NF4_CODE[idx].view(-1, qs.blocksize) * qs.absmax.float()[:, None]).view(48, 128)
+    assert torch.equal(m.dequantize(torch.float32), want)
+    assert (want - w).abs().max() <= 0.5 * w.abs().max()  # a 4-bit code: coarse, but the right weights
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantized_layer_computes_x_times_its_dequantized_weight(precision, lin, x):
+    # One plain GEMM on the dequantized weight, forward and backward: so a merged export of
+    # base + adapter (lora/merge.py --precision) is the trained function to float rounding.
+    m = quantize_linear(lin.weight, precision)
+    w = m.dequantize(torch.float32)
+    xi = x.clone().requires_grad_()
+    y = m(xi)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-6, rtol=1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(xi.grad, dy @ w, atol=1e-6, rtol=1e-6)
