@@ -1,17 +1,22 @@
-"""Score rows with base + LoRA adapter and write the contest's submission file.
+"""Score rows with base + LoRA adapter(s) and write the contest's submission file.
 
-    python predict.py --adapter runs/default/adapter_model.safetensors --data test.csv
+    python predict.py --adapter ckpt.safetensors --data test.csv          # the file alone is enough
+    python predict.py --adapter runs/a runs/b runs/c --data test.csv      # an ensemble, base loaded once
 
 One forward pass per batch, no generation: at the cue ("Answer is correct (True/False only):")
 the model's logits for " True" and " False" are compared; p_true is their two-way softmax
-(engine/score.py, which training's evaluation uses too). Rows are batched by length and written
-back in the input's order: one submission line per input row.
+(engine/score.py, which training's evaluation uses too). A row is predicted True when p_true
+exceeds the threshold (the adapter's tuned one, else 0.5). One submission line per input row,
+in the input's order.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +27,8 @@ from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
 from data.read import read_table
 from engine.build import adapter_run_args, build_model, resolve_device
 from engine.cli import UserError, run_cli
-from engine.files import atomic_write
-from engine.score import format_metrics, metrics, score
+from engine.files import atomic_write, atomic_write_text
+from engine.score import format_metrics, metrics, score_adapters
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
 from model.tokenizer import Tokenizer
@@ -33,24 +38,23 @@ DEFAULT_DATA = REPO / "data" / "gsm8k_val.csv"
 FALLBACK = False  # the prediction written for a row skipped with --skip-bad-rows (most rows are wrong)
 
 
-# ----------------------------------------------------------------------------- scoring
-
-# ----------------------------------------------------------------------------- CLI
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what to score
-    p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF model folder (default: the adapter's base, else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", help="where the default model is converted and kept")
-    p.add_argument("--adapter", help="adapter_model.safetensors or its folder (omit to score the base model)")
+    p.add_argument("--adapter", nargs="+", help="adapter file(s) (adapter_model.safetensors, or any name) or folder(s); "
+                                                "several: an ensemble, their p_true averaged (omit: the base model)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV / Parquet / JSONL with question, answer, solution")
     p.add_argument("--skip-bad-rows", action="store_true", help=f"skip bad rows (predicted {FALLBACK}) instead of stopping")
-    # prompt
+    # prompt and decision
     p.add_argument("--prompt-file", help="prompt template with {question} {answer} {solution} (default: the adapter's, else built-in)")
     p.add_argument("--max-seq-len", type=int, help="token limit per row (default: the adapter's, else 512)")
+    p.add_argument("--threshold", default="auto",
+                   help="predict True when p_true > this (auto: the adapter's tuned threshold, else 0.5)")
     # compute
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="base weights (default: int8 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="base weights (default: the adapter's, else int8 on CUDA, "
+                                                          "fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     # outputs
@@ -60,68 +64,166 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+# ----------------------------------------------------------------------------- phases
 
+def check_paths(args) -> Path:
+    """Before anything is loaded: the inputs exist, and the outputs can be written and overwrite
+    no input."""
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    for a in args.adapter or ():
+        if not Path(a).exists():
+            raise UserError(f"--adapter {a}: no such file or folder")
+    inputs = [Path(args.data), *(Path(a) for a in args.adapter or ()), *([Path(args.model)] if args.model else [])]
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'submission.csv'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after scoring
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create its folder ({e.strerror})") from None
-    if args.adapter and not Path(args.adapter).exists():
-        raise UserError(f"--adapter {args.adapter}: no such file or folder")
-    device = resolve_device(args.device)
-    precision = args.precision or default_precision(device)
+    for flag, path in (("--out", out), ("--metrics", Path(args.metrics) if args.metrics else None)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"{flag} {path}: is a folder; give a file name such as {path / 'submission.csv'}")
+        for inp in inputs:
+            if path.resolve() == inp.resolve() or inp.is_dir() and path.resolve().is_relative_to(inp.resolve()):
+                raise UserError(f"{flag} {path} would overwrite an input ({inp}); pick another file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after scoring
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+        if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path}: not writable")
+    return out
 
-    # The model, prompt and length the adapter was trained with, unless overridden (then warned about).
-    run = adapter_run_args(args.adapter) if args.adapter else {}
+
+@dataclass
+class Settings:
+    """How to score: the adapter's training settings unless a flag overrides them."""
+    model_dir: Path
+    template: str
+    max_len: int
+    precision: str
+    threshold: float
+    threshold_from: str
+
+
+def settings(args, device) -> Settings:
+    """The model, prompt, length and precision the adapter(s) were trained with, unless
+    overridden (then warned about), and the decision threshold."""
+    runs = [adapter_run_args(a) for a in args.adapter or ()]
+    run = runs[0] if runs else {}
+    for other, a in zip(runs[1:], (args.adapter or [])[1:]):
+        for key in ("model_dir", "prompt", "max_seq_len", "precision"):
+            if other.get(key) != run.get(key):
+                print(f"warning: --adapter {a} was trained with {key}={other.get(key)!r}, "
+                      f"{args.adapter[0]} with {run.get(key)!r}; scoring all with the first's", file=sys.stderr)
+    warn = lambda what, trained, used: print(f"warning: the adapter was trained with {what}={trained!r}, "
+                                             f"scoring with {used!r}", file=sys.stderr)
     if args.model:
         model_dir = Path(args.model)
         if run.get("model_dir") and Path(run["model_dir"]).resolve() != model_dir.resolve():
             print(f"warning: the adapter was trained on {run['model_dir']}, scoring with {model_dir}", file=sys.stderr)
     elif run.get("model_dir") and args.cache_dir is None:
         model_dir = Path(run["model_dir"])  # the base the adapter was trained on
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"--adapter {args.adapter[0]} was trained on {model_dir}, which is not here: "
+                            f"pass --model with that model's folder")
     else:
         model_dir = default_model_dir(args.cache_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
-    prompt_file = args.prompt_file or run.get("prompt_file")
+
+    if args.prompt_file:
+        template = load_prompt(args.prompt_file)
+    elif "prompt" in run:
+        template = run["prompt"]
+    else:  # an older adapter records the template's file name only
+        template = load_prompt(run["prompt_file"]) if run.get("prompt_file") else DEFAULT_PROMPT
+    if run and run.get("prompt", template) != template or not run.get("prompt") and args.prompt_file \
+            and run and run.get("prompt_file") != args.prompt_file:
+        warn("prompt_file", run.get("prompt_file"), args.prompt_file)
     max_len = args.max_seq_len or run.get("max_seq_len") or 512
-    for key, mine in (("prompt_file", prompt_file), ("max_seq_len", max_len)):
-        if run and run.get(key) != mine:
-            print(f"warning: the adapter was trained with {key}={run.get(key)!r}, scoring with {mine!r}",
-                  file=sys.stderr)
+    if run and run.get("max_seq_len") != max_len:
+        warn("max_seq_len", run.get("max_seq_len"), max_len)
+    precision = args.precision or run.get("precision") or default_precision(device)
+    if args.precision and run.get("precision") and run["precision"] != args.precision:
+        warn("precision", run["precision"], args.precision)
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("precision fp16 needs CUDA: on CPU pass --precision fp32 (or bf16, int8)")
 
-    tok = Tokenizer.from_dir(model_dir)
-    template = load_prompt(prompt_file) if prompt_file else DEFAULT_PROMPT
-    df, stats = read_table(args.data, skip_bad_rows=args.skip_bad_rows)
-    ds = RowDataset(df, Encoder(tok, template, max_len, loss="answer"), pad_id=tok.pad_id)
+    if args.threshold == "auto":
+        tuned = run.get("threshold")
+        threshold, where = (tuned, f"tuned on {run.get('threshold_rows')} validation rows") if tuned is not None \
+            else (0.5, "the default")
+        if len(runs) > 1 and tuned is not None:
+            threshold, where = 0.5, "the default (an ensemble has no tuned threshold)"
+    else:
+        try:
+            threshold, where = float(args.threshold), "--threshold"
+        except ValueError:
+            raise UserError(f"--threshold {args.threshold}: expected auto or a number in [0, 1]") from None
+        if not 0 <= threshold <= 1:
+            raise UserError(f"--threshold {args.threshold}: expected auto or a number in [0, 1]")
+    return Settings(model_dir, template, max_len, precision, threshold, where)
 
-    merge = precision == "fp32"  # the adapter folded into the weights: the plain base's speed
-    model = build_model(model_dir, precision, device, args.adapter, merge=merge)
-    print(f"scoring {len(df)} rows of {args.data} with {model_dir.name} ({precision})"
-          + ((f" + {args.adapter}" + (" (merged into the weights)" if merge else "")) if args.adapter
-             else " (no adapter: zero-shot)"), file=sys.stderr)
-    p_true = score(model, ds, args.batch_size, device, tok.label_ids())
-    print(f"rows truncated to {max_len} tokens: {ds.stats['truncated']}", file=sys.stderr)
 
-    # One line per input row, in input order; rows skipped as bad get the fallback.
-    n_total = stats["rows_total"]
-    ids = stats["ids"] if stats.get("ids") is not None else list(range(n_total))
-    pred = np.full(n_total, FALLBACK)
-    probs = np.full(n_total, float(FALLBACK))
-    kept = df["_row"].to_numpy()  # positions of the kept rows among all rows
-    pred[kept], probs[kept] = p_true > 0.5, p_true
-    if out.exists():
-        print(f"overwriting {out}", file=sys.stderr)
+def write_outputs(args, out: Path, ids: list, pred: np.ndarray, p_true: np.ndarray) -> None:
+    """The submission (and its p_true column), atomically; if the disk refuses it, the scores go
+    to a temporary file named in the error, so the scoring is not lost."""
     sub = pd.DataFrame({"ID": ids, "is_correct": np.where(pred, "True", "False")})
     if args.probs:
-        sub["p_true"] = probs
-    atomic_write(out, lambda tmp: sub.to_csv(tmp, index=False))  # never a half-written submission
+        sub["p_true"] = p_true
+    if out.exists():
+        print(f"overwriting {out}", file=sys.stderr)
+    try:
+        atomic_write(out, lambda tmp: sub.to_csv(tmp, index=False))  # never a half-written submission
+    except OSError as e:
+        keep = Path(tempfile.gettempdir()) / f"{out.stem}.p_true.{os.getpid()}.csv"
+        try:
+            pd.DataFrame({"ID": ids, "p_true": p_true}).to_csv(keep, index=False)
+            saved = f"the scores are saved in {keep}"
+        except OSError:
+            saved = "the scores could not be saved either"
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e}); {saved}") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = check_paths(args)
+    device = resolve_device(args.device)
+    s = settings(args, device)
+
+    tok = Tokenizer.from_dir(s.model_dir)
+    df, stats = read_table(args.data, skip_bad_rows=args.skip_bad_rows)
+    ds = RowDataset(df, Encoder(tok, s.template, s.max_len, loss="answer"), pad_id=tok.pad_id)
+    n_total = stats["rows_total"]
+    ids = stats["ids"] if stats.get("ids") is not None else list(range(n_total))
+    dupes = pd.Series(ids)[pd.Series(ids).duplicated()].unique() if stats.get("ids") is not None else []
+    if len(dupes):
+        print(f"warning: {args.data} repeats {len(dupes)} ID(s) (first: {dupes[0]!r}); the submission keeps "
+              f"one line per row, so it repeats them too", file=sys.stderr)
+
+    adapters = args.adapter or []
+    merge = s.precision == "fp32" and len(adapters) == 1  # folded into the weights: the plain base's speed
+    model = build_model(s.model_dir, s.precision, device)
+    def announce(i):  # once the first adapter is in place (a wrong one fails before this line)
+        if i in (None, 0):
+            print(f"scoring {len(df)} rows of {args.data} with {s.model_dir.name} ({s.precision})"
+                  + (f" + {' + '.join(adapters)}" + (" (merged into the weights)" if merge else "")
+                     + (f", p_true averaged over {len(adapters)} adapters" if len(adapters) > 1 else "")
+                     if adapters else " (no adapter: zero-shot)")
+                  + f"; True when p_true > {s.threshold:g} ({s.threshold_from})", file=sys.stderr)
+    p_true = score_adapters(model, adapters, ds, args.batch_size, device, tok.label_ids(), merge=merge,
+                            on_loaded=announce)
+    bad = np.flatnonzero(~np.isfinite(p_true))
+    if len(bad):
+        first = ids[int(df["_row"].to_numpy()[bad[0]])]
+        raise UserError(f"the model gave non-finite logits for {len(bad)} of {len(df)} rows (first: ID {first!r}); "
+                        f"check the model's weights and --precision")
+    print(f"rows truncated to {s.max_len} tokens: {ds.stats['truncated']}", file=sys.stderr)
+
+    # One line per input row, in input order; rows skipped as bad get the fallback.
+    pred, probs = np.full(n_total, FALLBACK), np.full(n_total, float(FALLBACK))
+    kept = df["_row"].to_numpy()  # positions of the kept rows among all rows
+    pred[kept], probs[kept] = p_true > s.threshold, p_true
+    write_outputs(args, out, ids, pred, probs)
     skipped = n_total - len(df)
     print(f"wrote {out} ({n_total} rows" + (f", {skipped} skipped rows given {FALLBACK}" if skipped else "") + ")",
           file=sys.stderr)
@@ -132,11 +234,10 @@ def main(argv=None) -> int:
               f"submission", file=sys.stderr)
     labelled = df["label"].to_numpy() >= 0
     if labelled.any():
-        m = metrics(df["is_correct"].to_numpy()[labelled], p_true[labelled])
+        m = metrics(df["is_correct"].to_numpy()[labelled], p_true[labelled], threshold=s.threshold)
         print(format_metrics(m))
         if args.metrics:
-            Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.metrics).write_text(json.dumps(m, indent=2) + "\n")
+            atomic_write_text(args.metrics, json.dumps(m, indent=2) + "\n")
     elif args.metrics:
         print(f"warning: {args.data} has no is_correct labels; no metrics written", file=sys.stderr)
     return 0

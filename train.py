@@ -31,8 +31,8 @@ from engine import loss
 from engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args
 from engine.cli import UserError, run_cli
 from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, build_for_training, estimate_peak_gib,
-                            evaluate, flag, get_lr, load_data, make_optimizer, plot, setup_distributed,
-                            truncated_share)
+                            evaluate, flag, get_lr, load_data, make_optimizer, plot, run_record,
+                            setup_distributed, truncated_share)
 from lora.io import save_adapter
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
@@ -116,7 +116,7 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
                             f"({ckpt_dir / 'trainer.json'})")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir)}, indent=1))
+        (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir.resolve())}, indent=1))
     return model_dir, out, ckpt_dir
 
 
@@ -133,6 +133,7 @@ class Run:
     label_ids: tuple[int, int]
     step: int
     log: MetricsLog
+    record: dict  # engine.trainer.run_record: written into every adapter file
 
 
 def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, rank: int, world: int, device) -> Run:
@@ -157,12 +158,13 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, rank: i
               f"{cfg.batch_size * cfg.grad_accum * world} rows per step | {cfg.steps} steps, loss={cfg.loss} | "
               f"estimated peak memory {estimate_peak_gib(model, cfg, 4 if cfg.precision == 'fp32' else 2):.1f} GiB",
               file=sys.stderr)
-    return Run(model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log)
+    return Run(model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log,
+               run_record(cfg, model_dir))
 
 
 def finish(cfg: TrainConfig, run: Run, out: Path, model_dir: Path, best: tuple[float, int | None]) -> None:
     """Phase 4 (rank 0): the final adapter and summary.json."""
-    save_adapter(run.model, out, base_model_name_or_path=str(model_dir))
+    save_adapter(run.model, out, base_model_name_or_path=str(model_dir), run=run.record)
     evals = [r for r in run.log.records if "eval" in r]
     summary = {"steps": run.step, "final": evals[-1]["eval"] if evals else None,
                "step0": evals[0]["eval"] if evals and evals[0]["step"] == 0 else None,
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> int:
+    for key in ("model", "data", "val_file", "prompt_file"):  # recorded as absolute paths: a run
+        if getattr(cfg, key):  # resumed, or scored, from another folder finds the same files
+            setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     rank, world, device = setup_distributed(cfg.device)
     main_proc = rank == 0
     cfg.precision = cfg.precision or default_precision(device)
@@ -208,7 +213,7 @@ def train(cfg: TrainConfig) -> int:
         m = evaluate(model, run.val_ds, cfg, device, run.label_ids, step, log)
         if m["accuracy"] > best[0]:
             best = (m["accuracy"], step)
-            save_adapter(model, out / "best", base_model_name_or_path=str(model_dir))  # step 0: B = 0, the base
+            save_adapter(model, out / "best", base_model_name_or_path=str(model_dir), run=run.record)  # step 0: the base
     if run.step == 0 and main_proc:
         eval_and_keep_best(0)
     if world > 1:
@@ -274,7 +279,7 @@ def train(cfg: TrainConfig) -> int:
                 dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng_state(device).items()})
             if main_proc:
                 save_checkpoint(out / "checkpoint", model, opt, scaler, run.sampler, step, cfg.to_dict(),
-                                str(model_dir), rngs)
+                                run.record, rngs)
             ckpt_dir = out / "checkpoint"
             if stop["signal"]:
                 bar.close()

@@ -9,7 +9,7 @@ import torch
 
 from engine.cli import UserError
 from lora.inject import lora_modules
-from lora.io import load_adapter
+from lora.io import load_adapter, read_run
 from model.load import load_model
 from model.precision import compute_dtype
 
@@ -45,7 +45,14 @@ def build_model(model_dir, precision: str, device: torch.device, adapter=None, m
 
 
 def adapter_run_args(adapter: str | Path) -> dict:
-    """The args.json train.py saved beside (or one folder above) the adapter, if any."""
+    """How the adapter was trained: model_dir, prompt (text), prompt_file, max_seq_len, precision.
+
+    From the adapter file's own header (lora/io.py: read_run), so a lone copy of the file is
+    enough; for an older adapter, the args.json train.py saved beside it (or one folder above).
+    {} for an adapter made elsewhere (PEFT)."""
+    run = read_run(adapter)
+    if run:
+        return run
     p = Path(adapter)
     folder = p if p.is_dir() else p.parent
     for cand in (folder / "args.json", folder.parent / "args.json"):

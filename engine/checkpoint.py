@@ -67,11 +67,12 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: dict, base_name: str,
+def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: dict, run: dict,
                     rngs: list[dict]) -> None:
-    """Write the checkpoint folder `path` atomically. rngs: every rank's rng_state, by rank."""
+    """Write the checkpoint folder `path` atomically. run: engine.trainer.run_record (in the
+    adapter's header); rngs: every rank's rng_state, by rank."""
     def write(tmp: Path):
-        save_adapter(model, tmp, base_model_name_or_path=base_name)
+        save_adapter(model, tmp, base_model_name_or_path=run["model_dir"], run=run)
         state = {"optimizer": opt.state_dict(), "rng": rngs,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         tensors, skel = flatten_state(state)

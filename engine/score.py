@@ -14,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from data.batches import RowDataset, collate
+from lora.inject import lora_modules, remove_lora
+from lora.io import load_adapter
 
 
 @torch.no_grad()
@@ -68,10 +70,11 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def metrics(labels: np.ndarray, p_true: np.ndarray) -> dict:
-    """Accuracy, precision, recall, F1 (True is the positive class), confusion matrix, ROC-AUC."""
+def metrics(labels: np.ndarray, p_true: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1 (True is the positive class: p_true > threshold),
+    confusion matrix, ROC-AUC."""
     y = np.asarray(labels).astype(bool)
-    pred = np.asarray(p_true) > 0.5
+    pred = np.asarray(p_true) > threshold
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
@@ -85,3 +88,29 @@ def format_metrics(m: dict) -> str:
     c = m["confusion"]
     return (f"n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} P={m['precision']:.3f} "
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
+
+
+def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
+                   merge: bool = False, on_loaded=None) -> np.ndarray:
+    """p_true of the base `model` with each adapter in turn, averaged (the base alone without any).
+
+    The base is loaded once; each adapter is put on it, scored and taken off again. An ensemble
+    averages probabilities, not log-odds: one over-confident member (p = 1e-6) then moves the
+    mean by at most 1/n instead of deciding it. merge: fold a single adapter into an fp32 base's
+    weights first (engine/build.py: build_model).
+    """
+    if not adapters:
+        return score(model, ds, batch_size, device, label_ids)
+    total = np.zeros(len(ds))
+    for i, a in enumerate(adapters):
+        load_adapter(model, a)
+        if on_loaded:
+            on_loaded(i)
+        if merge:
+            for m in lora_modules(model).values():
+                m.merge()
+        model.to(device).eval()
+        total += score(model, ds, batch_size, device, label_ids)
+        if len(adapters) > 1:
+            remove_lora(model)
+    return total / len(adapters)

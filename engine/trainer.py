@@ -105,6 +105,14 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def run_record(cfg: TrainConfig, model_dir: Path) -> dict:
+    """What scoring with this run's adapter needs to know, stored in every adapter file it writes
+    (lora/io.py: the header's "run"), so the file alone is enough: predict.py reads it back."""
+    return {"model_dir": str(Path(model_dir).resolve()), "prompt": load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT,
+            "prompt_file": cfg.prompt_file and str(Path(cfg.prompt_file).resolve()), "max_seq_len": cfg.max_seq_len, "precision": cfg.precision,
+            "loss": cfg.loss}
+
+
 def get_lr(step: int, *, lr: float, steps: int, warmup: int, scheduler: str) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to 0."""
     if step < warmup:

@@ -3,6 +3,13 @@
 Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
 (out, r), so `peft.PeftModel.from_pretrained` reads what we write and we read what PEFT writes.
 Only safetensors: a pickled `adapter_model.bin` can run code when loaded, so it is refused.
+
+The safetensors header carries the adapter's config too, so the file alone is enough to use it
+(`predict.py --adapter ckpt.safetensors`). Metadata keys, each a JSON string:
+    "adapter_config"  the adapter_config.json (r, lora_alpha, use_rslora, target_modules, ...)
+    "run"             how it was trained: model_dir, prompt (the template's text), max_seq_len,
+                      precision (train.py writes it; absent in a PEFT-made file)
+PEFT ignores the metadata; a side adapter_config.json, when present, must agree with it.
 Every file is written atomically (temp file in the same folder, fsync, os.replace), so a crash
 mid-save leaves the previous adapter intact.
 """
@@ -14,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.cli import UserError
@@ -23,6 +30,7 @@ from lora.inject import (ALL_PROJECTIONS, apply_lora, is_linear_like, lora_modul
                          name_matches, remove_lora)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+META_CONFIG, META_RUN = "adapter_config", "run"  # safetensors header keys (JSON strings)
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the LM)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -73,7 +81,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                 extra_config: dict | None = None) -> Path:
+                 extra_config: dict | None = None, run: dict | None = None) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` into `out_dir` (created).
 
     Args:
@@ -81,6 +89,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         out_dir: folder to write into.
         base_model_name_or_path: recorded in the config (PEFT ignores it when given a model).
         extra_config: more config keys (e.g. provenance), merged over the defaults.
+        run: how the adapter was trained (JSON-able), stored in the file's header as "run".
     Returns:
         the path of the safetensors file.
     """
@@ -92,7 +101,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         raise ValueError("save_adapter: LoRA is merged into the base weights; unmerge() first")
     tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     weights = out_dir / WEIGHTS_NAME
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = {"format": "pt", META_CONFIG: json.dumps(config)}
+    if run is not None:
+        meta[META_RUN] = json.dumps(run)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return weights
 
@@ -129,19 +141,53 @@ _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, 
                 "trainable_token_indices": None, "target_parameters": None, "use_qalora": False}
 
 
-def read_adapter_config(path: str | Path) -> dict:
-    """Read and check adapter_config.json (path: the folder, the json, or the safetensors file)."""
-    path = Path(path)
-    cfg_path = path if path.name == CONFIG_NAME else _resolve(path)[1]
-    if not cfg_path.is_file():
-        raise AdapterError(f"{cfg_path}: no adapter config next to the adapter weights")
+def read_header(weights: Path) -> dict:
+    """The safetensors header metadata of an adapter file ({} when it has none)."""
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        with safe_open(str(weights), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights}: unreadable safetensors file ({e})") from None
+
+
+def _json(text: str, where: str) -> dict:
+    try:
+        obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
-        raise AdapterError(f"{cfg_path}: peft_type is {got!r}, not 'LORA'")
+        raise AdapterError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise AdapterError(f"{where}: not a JSON object")
+    return obj
+
+
+# Keys that decide what the adapter computes: a side file and the header must agree on these.
+_DECISIVE = ("r", "lora_alpha", "use_rslora", "target_modules")
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """Read and check the adapter config (path: the folder, the json, or the safetensors file):
+    adapter_config.json beside the weights, else the weights file's header."""
+    path = Path(path)
+    if path.name == CONFIG_NAME:
+        weights, cfg_path = path.parent / WEIGHTS_NAME, path
+    else:
+        weights, cfg_path = _resolve(path)
+    header = read_header(weights) if weights.is_file() else {}
+    in_header = _json(header[META_CONFIG], f"{weights} (header {META_CONFIG})") if META_CONFIG in header else None
+    if cfg_path.is_file():
+        cfg = _json(cfg_path.read_text(encoding="utf-8"), str(cfg_path))
+        if in_header is not None:
+            differ = [k for k in _DECISIVE if cfg.get(k) != in_header.get(k)]
+            if differ:
+                raise AdapterError(f"{cfg_path} and the header of {weights} disagree on {', '.join(differ)} "
+                                   f"({cfg_path.name}: {cfg.get(differ[0])!r}, header: {in_header.get(differ[0])!r})")
+    elif in_header is not None:
+        cfg, cfg_path = in_header, weights
+    else:
+        raise AdapterError(f"{cfg_path}: no adapter config next to the adapter weights, and none in the "
+                           f"header of {weights}")
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, not 'LORA'")
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) in (None, "", []):
             raise AdapterError(f"{cfg_path}: missing {key}")
@@ -151,6 +197,13 @@ def read_adapter_config(path: str | Path) -> dict:
         if cfg.get(key) not in (ok, None, False, {}, []):
             raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
     return cfg
+
+
+def read_run(path: str | Path) -> dict:
+    """How the adapter was trained, from its file's header ({} for a file without it, e.g. PEFT's)."""
+    weights, _ = _resolve(path)
+    header = read_header(weights)
+    return _json(header[META_RUN], f"{weights} (header {META_RUN})") if META_RUN in header else {}
 
 
 def _filter_for(targets: str | list[str]):

@@ -52,7 +52,10 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     out = {}
     for f in files:
         with safe_open(f, "pt") as sf:
-            out.update({k: f for k in sf.keys()})
+            for k in sf.keys():
+                if k in out:
+                    raise MergeError(f"key {k} appears twice: in {out[k]} and {f}")
+                out[k] = f
     return out
 
 

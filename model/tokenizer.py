@@ -135,9 +135,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path}: not a JSON object")
+    return obj
 
 
 class _HFBackend:

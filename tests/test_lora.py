@@ -310,6 +310,9 @@ def test_refuses_wrong_rank(saved):
         load_adapter(apply_lora(tiny_model(), r=8, alpha=8), saved)
     cfg = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps(dict(cfg, r=2)))
+    with pytest.raises(AdapterError, match=r"adapter_config.json and the header of .* disagree on r"):
+        load_adapter(tiny_model(), saved)
+    _rewrite(saved, lambda t: None)  # no config in the header, as PEFT writes it: the shapes tell
     with pytest.raises(AdapterError, match=r"rank mismatch at base_model\.model\.model\.layers\.0\..*"
                                            r"rank 4, config/model r=2"):
         load_adapter(tiny_model(), saved)
@@ -355,8 +358,11 @@ def test_refuses_pickles_and_bad_configs(saved, tmp_path):
         (saved / "adapter_model.safetensors").write_bytes(broken)
         with pytest.raises(AdapterError, match="adapter_model.safetensors: unreadable safetensors file"):
             load_adapter(tiny_model(), saved)
+    (saved / "adapter_model.safetensors").write_bytes(weights)
     cfg_path.unlink()
-    with pytest.raises(AdapterError, match="no adapter config"):
+    load_adapter(tiny_model(), saved)  # the file's header carries the config
+    _rewrite(saved, lambda t: None)  # a file without it (PEFT's) and no side config
+    with pytest.raises(AdapterError, match="no adapter config next to the adapter weights, and none in the header"):
         load_adapter(tiny_model(), saved)
     with pytest.raises(AdapterError, match="nothing.safetensors: no such file"):
         read_adapter_config(saved / "nothing.safetensors")

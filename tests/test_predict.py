@@ -1,6 +1,7 @@
 """predict.py: the submission file, IDs and order, p_true, metrics, and agreement with training."""
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,132 @@ def test_blank_labels_in_a_test_file_are_unlabelled(trained, tmp_path):
     assert run(trained, "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv"), "--metrics", str(m)) == 0
     assert len(pd.read_csv(tmp_path / "s.csv")) == 6
     assert json.loads(m.read_text())["n"] == 4  # metrics on the labelled rows only
+
+
+# ---------------------------------------------------------------------------- the file alone
+
+def test_a_lone_copy_of_the_adapter_file_scores_as_its_folder(trained, tmp_path):
+    # The card's command: the adapter file copied somewhere under another name, nothing beside it.
+    lone = tmp_path / "somewhere" / "ckpt.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes((trained / "run" / "adapter_model.safetensors").read_bytes())
+    outs = {}
+    for name, adapter in (("folder", trained / "run"), ("lone", lone)):
+        outs[name] = tmp_path / f"{name}.csv"
+        assert predict.main(["--adapter", str(adapter), "--data", str(trained / "val.csv"), "--device", "cpu",
+                             "--out", str(outs[name]), "--probs"]) == 0  # no --model: the run's base
+    a, b = pd.read_csv(outs["folder"]), pd.read_csv(outs["lone"])
+    assert a.equals(b)
+    from lora.merge import main as merge_main
+    assert merge_main(["--model", str(trained / "model"), "--adapter", str(lone), "--out", str(tmp_path / "m"),
+                       "--dtype", "fp32"]) == 0
+
+
+def test_the_adapter_file_carries_its_run(trained):
+    from lora.io import read_adapter_config, read_run
+    f = trained / "run" / "adapter_model.safetensors"
+    run = read_run(f)
+    assert run["max_seq_len"] == 128 and run["precision"] == "fp32"
+    assert run["prompt"] == (trained / "prompt.txt").read_text() and Path(run["model_dir"]).is_absolute()
+    assert read_adapter_config(f)["r"] == 4
+    for sub in ("best", "checkpoint"):
+        assert read_run(trained / "run" / sub) == run
+
+
+# ---------------------------------------------------------------------------- outputs and faults
+
+def test_outputs_that_would_overwrite_an_input_or_cannot_be_written_are_refused_first(trained, tmp_path, monkeypatch):
+    data = tmp_path / "test.csv"
+    data.write_bytes((trained / "val.csv").read_bytes())
+    import engine.build
+    monkeypatch.setattr(engine.build, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    for flag, target, msg in (("--out", data, "would overwrite an input"),
+                              ("--metrics", trained / "run" / "adapter_model.safetensors", "would overwrite an input"),
+                              ("--out", trained / "model" / "sub.csv", "would overwrite an input")):
+        extra = ["--out", str(tmp_path / "s.csv")] if flag == "--metrics" else []
+        with pytest.raises(predict.UserError, match=msg):
+            run(trained, "--adapter", str(trained / "run"), "--data", str(data), flag, str(target), *extra)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # (root may write anyway)
+            with pytest.raises(predict.UserError, match="not writable"):
+                run(trained, "--data", str(data), "--out", str(ro / "s.csv"))
+    finally:
+        ro.chmod(0o700)
+    assert data.read_bytes() == (trained / "val.csv").read_bytes()
+
+
+def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_scores(trained, tmp_path, monkeypatch):
+    import engine.files
+    real = engine.files.atomic_write
+
+    def full(path, write):
+        if str(path).endswith("s.csv"):
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+    monkeypatch.setattr(predict, "atomic_write", full)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(predict.UserError, match=r"s.csv: cannot write it \(No space left on device\); the scores are "
+                                                r"saved in (\S+)") as e:
+        run(trained, "--data", str(trained / "val.csv"), "--out", str(tmp_path / "s.csv"))
+    kept = Path(str(e.value).rsplit(" ", 1)[1])
+    assert kept.is_file() and len(pd.read_csv(kept)) == 40
+    assert not list(tmp_path.glob(".s.csv*")) and not (tmp_path / "s.csv").exists()
+
+
+def test_non_finite_logits_are_an_error_naming_the_rows(trained, tmp_path, monkeypatch):
+    import engine.score
+    real = engine.score.score
+
+    def nan_rows(model, ds, *a, **k):
+        p = real(model, ds, *a, **k)
+        p[[3, 7]] = np.nan
+        return p
+    monkeypatch.setattr(engine.score, "score", nan_rows)
+    with pytest.raises(predict.UserError, match=r"non-finite logits for 2 of 40 rows \(first: ID 'r123'\)"):
+        run(trained, "--data", str(trained / "val.csv"), "--out", str(tmp_path / "s.csv"))
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_duplicate_ids_are_warned_about(trained, tmp_path, capsys):
+    df = synthetic_rows(6, seed=2).drop(columns=["is_correct"]).rename(columns={"id": "ID"})
+    df.loc[4, "ID"] = df.loc[1, "ID"]
+    df.to_csv(tmp_path / "t.csv", index=False)
+    assert run(trained, "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv")) == 0
+    assert "repeats 1 ID(s) (first: 'r1')" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 6
+
+
+# ---------------------------------------------------------------------------- threshold, ensembles
+
+def test_threshold_flag_decides(trained, tmp_path):
+    for t in ("0.0", "1.0"):
+        assert run(trained, "--adapter", str(trained / "run"), "--data", str(trained / "val.csv"),
+                   "--out", str(tmp_path / "s.csv"), "--threshold", t) == 0
+        assert set(pd.read_csv(tmp_path / "s.csv", dtype=str)["is_correct"]) == {"True" if t == "0.0" else "False"}
+    with pytest.raises(predict.UserError, match="--threshold 2"):
+        run(trained, "--data", str(trained / "val.csv"), "--out", str(tmp_path / "s.csv"), "--threshold", "2")
+
+
+def test_ensembles_average_probabilities_and_load_the_base_once(trained, tmp_path, monkeypatch):
+    second = tmp_path / "second"
+    assert train.main(train_args(trained, second, "--steps", "3", "--batch-size", "2", "--grad-accum", "1",
+                                 "--lr", "5e-3", "--seed", "7")) == 0
+    import engine.build
+    loads = []
+    real = engine.build.load_model
+    monkeypatch.setattr(engine.build, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+
+    def p_true(*adapters):
+        loads.clear()
+        out = tmp_path / "p.csv"
+        assert run(trained, "--adapter", *map(str, adapters), "--data", str(trained / "val.csv"), "--out", str(out),
+                   "--probs") == 0
+        assert len(loads) == 1  # the base is loaded once, whatever the number of adapters
+        return pd.read_csv(out)["p_true"].to_numpy()
+    a, b = p_true(trained / "run"), p_true(second)
+    np.testing.assert_allclose(p_true(trained / "run", trained / "run"), a, atol=1e-6)  # one adapter twice = it
+    np.testing.assert_allclose(p_true(trained / "run", second), (a + b) / 2, atol=1e-6)
+    assert np.abs(a - b).max() > 1e-3  # two different adapters, so the mean is a real check
