@@ -25,13 +25,12 @@ import pandas as pd
 from data.batches import RowDataset
 from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
 from data.read import read_table
-from engine.build import adapter_run_args, build_model, resolve_device
+from engine.build import adapter_run_args, build_model, load_tokenizer, resolve_device
 from engine.cli import UserError, run_cli
 from engine.files import atomic_write, atomic_write_text
 from engine.score import format_metrics, metrics, score_adapters
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
-from model.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "gsm8k_val.csv"
@@ -190,7 +189,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     s = settings(args, device)
 
-    tok = Tokenizer.from_dir(s.model_dir)
+    tok = load_tokenizer(s.model_dir)
     df, stats = read_table(args.data, skip_bad_rows=args.skip_bad_rows)
     ds = RowDataset(df, Encoder(tok, s.template, s.max_len, loss="answer"), pad_id=tok.pad_id)
     n_total = stats["rows_total"]
@@ -209,7 +208,8 @@ def main(argv=None) -> int:
                   + (f" + {' + '.join(adapters)}" + (" (merged into the weights)" if merge else "")
                      + (f", p_true averaged over {len(adapters)} adapters" if len(adapters) > 1 else "")
                      if adapters else " (no adapter: zero-shot)")
-                  + f"; True when p_true > {s.threshold:g} ({s.threshold_from})", file=sys.stderr)
+                  + f"; True when p_true > {s.threshold:g} ({s.threshold_from}); tokenizer {tok.path}, labels "
+                  f"\" True\" = {tok.label_ids()[0]}, \" False\" = {tok.label_ids()[1]}", file=sys.stderr)
     p_true = score_adapters(model, adapters, ds, args.batch_size, device, tok.label_ids(), merge=merge,
                             on_loaded=announce)
     bad = np.flatnonzero(~np.isfinite(p_true))

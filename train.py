@@ -14,6 +14,7 @@ losses; engine/checkpoint.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 from data.batches import LengthGroupedSampler, RowDataset
 from engine import loss
-from engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, saved_args
+from engine.checkpoint import (RunLock, checkpoint_problem, find_checkpoint, load_checkpoint, rng_state,
+                               save_checkpoint, saved_args, saved_meta)
+from engine.build import load_tokenizer
 from engine.cli import UserError, run_cli
 from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, build_for_training, estimate_peak_gib,
                             evaluate, flag, get_lr, load_data, make_optimizer, plot, run_record,
@@ -36,7 +39,6 @@ from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_gra
 from lora.io import save_adapter
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
-from model.tokenizer import Tokenizer
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     # LoRA
     p.add_argument("--r", type=int, default=d.r, help="adapter rank")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale numerator: s = alpha / r")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale numerator: s = alpha / r (> 0)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
     p.add_argument("--rslora", action="store_true", help="rank-stabilised scale s = alpha / sqrt(r)")
     p.add_argument("--targets", default=d.targets, help="comma-separated projections to adapt")
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> TrainConfig:
                    help="base weights (default: int8 on CUDA; fp32 on CPU, where it is exact and fastest)")
     p.add_argument("--device", default=d.device, help="cuda, cpu or auto")
     # optimisation
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (> 0)")
     p.add_argument("--scheduler", choices=["cosine", "linear", "constant"], default=d.scheduler, help="decay after warmup")
     p.add_argument("--warmup", type=float, default=d.warmup, help="warmup steps (>= 1) or fraction of --steps (< 1)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (per rank)")
@@ -92,32 +94,54 @@ def parse_args(argv=None) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- the run's phases
 
-def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool) -> tuple[Path, Path, Path]:
-    """Phase 1, before anything heavy: (model folder, output folder, checkpoint to resume from).
-    Refuses a clobbered run, a missing checkpoint or one of a different run."""
+def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool):
+    """Phase 1, before anything heavy: (model folder, output folder, checkpoint to resume from,
+    the run's record, the run folder's lock). Refuses a clobbered run, a folder in use, a missing
+    or broken checkpoint, or one of a different run or of changed data."""
     if cfg.precision == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 needs CUDA (on CPU use fp32, bf16 or int8)")
     model_dir = Path(cfg.model) if cfg.model else default_model_dir(cfg.cache_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
     out = Path(cfg.out)
-    ckpt_dir = find_checkpoint(out / "checkpoint" if cfg.resume in (None, "") else Path(cfg.resume))
-    if cfg.resume is not None and not (ckpt_dir / "trainer.json").is_file():
-        raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if cfg.resume is None and not cfg.overwrite and ((out / "checkpoint").exists() or (out / "metrics.jsonl").exists()):
-        raise UserError(f"--out {out} holds another run: add --resume to continue it or --overwrite to start afresh")
-    if cfg.resume is not None:  # the run must be the same run, or "exact resume" is a lie
-        saved = saved_args(ckpt_dir)
-        diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if diff:
-            raise UserError(f"--resume: {', '.join(map(flag, diff))} differ from the checkpoint's run "
-                            f"({ckpt_dir / 'trainer.json'})")
+    lock = None
     if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir.resolve())}, indent=1))
-    return model_dir, out, ckpt_dir
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out)  # held until the run ends, however it ends
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
+    try:
+        ckpt_dir = find_checkpoint(out / "checkpoint" if cfg.resume in (None, "") else Path(cfg.resume))
+        if cfg.resume is None and not cfg.overwrite and ((out / "checkpoint").exists() or (out / "metrics.jsonl").exists()):
+            raise UserError(f"--out {out} holds another run: add --resume to continue it or --overwrite to start afresh")
+        record = run_record(cfg, model_dir)
+        if cfg.resume is not None:  # the run must be the same run, or "exact resume" is a lie
+            problem = checkpoint_problem(ckpt_dir)
+            if problem:
+                raise UserError(f"--resume: no checkpoint in {ckpt_dir} is complete ({problem})")
+            saved = saved_args(ckpt_dir)
+            diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+            if diff:
+                raise UserError(f"--resume: {', '.join(map(flag, diff))} differ from the checkpoint's run "
+                                f"({ckpt_dir / 'trainer.json'})")
+            for side, now in record["data"].items():
+                then = (saved_meta(ckpt_dir).get("data") or {}).get(side)
+                if then and now and (then["size"], then["blake2b"]) != (now["size"], now["blake2b"]):
+                    raise UserError(f"--resume: {now['path']} changed since the checkpoint was written "
+                                    f"(size or content differs); resume with the same data or start afresh")
+            if main_proc:
+                print(f"resuming from {ckpt_dir} (step {saved_meta(ckpt_dir)['step']})", file=sys.stderr)
+        if main_proc:
+            (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir.resolve())},
+                                                      indent=1))
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return model_dir, out, ckpt_dir, record, lock
 
 
 @dataclass
@@ -136,9 +160,10 @@ class Run:
     record: dict  # engine.trainer.run_record: written into every adapter file
 
 
-def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, rank: int, world: int, device) -> Run:
+def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record: dict, rank: int, world: int,
+           device) -> Run:
     """Phase 2: tokenizer, data, model + adapters, optimizer; the checkpoint's state on --resume."""
-    tok = Tokenizer.from_dir(model_dir)
+    tok = load_tokenizer(model_dir)
     train_ds, val_ds, stats = load_data(cfg, tok)
     sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     model, summary = build_for_training(cfg, model_dir, device)
@@ -152,14 +177,14 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, rank: i
         mem = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
         print(f"model {model_dir} | {cfg.precision} on {device}" + (f" ({mem:.0f} GiB)" if mem else "")
               + f" | {summary}\n"
+              f"tokenizer {tok.path} | labels \" True\" = {tok.label_ids()[0]}, \" False\" = {tok.label_ids()[1]}\n"
               f"data: {len(train_ds)} train rows ({stats.get('skipped', 0)} skipped, ~{truncated_share(train_ds):.0%} "
               f"longer than {cfg.max_seq_len} tokens and cut), {len(val_ds)} validation rows"
               f" | batch {cfg.batch_size} x accum {cfg.grad_accum} x {world} rank(s) = "
               f"{cfg.batch_size * cfg.grad_accum * world} rows per step | {cfg.steps} steps, loss={cfg.loss} | "
               f"estimated peak memory {estimate_peak_gib(model, cfg, 4 if cfg.precision == 'fp32' else 2):.1f} GiB",
               file=sys.stderr)
-    return Run(model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log,
-               run_record(cfg, model_dir))
+    return Run(model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log, record)
 
 
 def finish(cfg: TrainConfig, run: Run, out: Path, model_dir: Path, best: tuple[float, int | None]) -> None:
@@ -173,6 +198,19 @@ def finish(cfg: TrainConfig, run: Run, out: Path, model_dir: Path, best: tuple[f
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     run.log.close()
     print(f"done: adapter in {out}/adapter_model.safetensors, best (step {best[1]}) in {out}/best", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path):
+    """A write that fails (a full disk, a read-only folder) ends the run with one line that says
+    which checkpoint is intact; atomic writes leave the previous files as they were."""
+    try:
+        yield
+    except OSError as e:
+        intact = find_checkpoint(out / "checkpoint")
+        keep = (f"the last complete checkpoint is {intact} (step {saved_meta(intact)['step']}): --resume continues "
+                f"from it once there is room" if checkpoint_problem(intact) is None else "no checkpoint was written yet")
+        raise UserError(f"cannot write in {out} ({e.strerror or e}); {keep}") from None
 
 
 def main(argv=None) -> int:
@@ -194,15 +232,25 @@ def train(cfg: TrainConfig) -> int:
     rank, world, device = setup_distributed(cfg.device)
     main_proc = rank == 0
     cfg.precision = cfg.precision or default_precision(device)
-    model_dir, out, ckpt_dir = check_out_and_resume(cfg, device, main_proc)
-    run = set_up(cfg, model_dir, out, ckpt_dir, rank, world, device)
+    model_dir, out, ckpt_dir, record, lock = check_out_and_resume(cfg, device, main_proc)
+    try:
+        return loop(cfg, set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device), rank, world, device,
+                    model_dir, out, ckpt_dir)
+    finally:
+        if lock:
+            lock.release()
+
+
+def loop(cfg: TrainConfig, run: Run, rank: int, world: int, device, model_dir: Path, out: Path, ckpt_dir: Path) -> int:
+    """Phase 3: the training loop, with evaluation and checkpoints; then phase 4."""
+    main_proc = rank == 0
     model, opt, scaler, params, log = run.model, run.opt, run.scaler, run.params, run.log
 
-    stop = {"signal": None}
+    stop = {"signal": None, "saving": False}
     def on_signal(signum, _frame):
-        if stop["signal"]:  # a second Ctrl-C: stop now, keep the last checkpoint
+        if stop["signal"] and not stop["saving"]:  # a second Ctrl-C: stop now, keep the last checkpoint
             raise KeyboardInterrupt
-        stop["signal"] = signum  # finish the step in flight, checkpoint, exit
+        stop["signal"] = stop["signal"] or signum  # finish the step in flight (and any save), checkpoint, exit
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
@@ -278,8 +326,13 @@ def train(cfg: TrainConfig) -> int:
                 rngs = [None] * world
                 dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng_state(device).items()})
             if main_proc:
-                save_checkpoint(out / "checkpoint", model, opt, scaler, run.sampler, step, cfg.to_dict(),
-                                run.record, rngs)
+                stop["saving"] = True  # a second signal now must not tear the save
+                try:
+                    with disk_errors(out):
+                        save_checkpoint(out / "checkpoint", model, opt, scaler, run.sampler, step, cfg.to_dict(),
+                                        run.record, rngs)
+                finally:
+                    stop["saving"] = False
             ckpt_dir = out / "checkpoint"
             if stop["signal"]:
                 bar.close()
@@ -289,7 +342,8 @@ def train(cfg: TrainConfig) -> int:
     bar.close()
 
     if main_proc:
-        finish(cfg, run, out, model_dir, best)
+        with disk_errors(out):
+            finish(cfg, run, out, model_dir, best)
     if world > 1:
         dist.destroy_process_group()
     return 0

@@ -228,6 +228,8 @@ def _read_parquet(p: Path):
         if c not in FIELDS + ("is_correct", "ID", "id"):
             cols[c] = col.to_pandas()  # extra columns keep their type
             continue
+        if pa.types.is_nested(col.type) or pa.types.is_dictionary(col.type) and pa.types.is_nested(col.type.value_type):
+            raise DataError(f"{p.name}: column {c} holds {col.type}, expected text (or numbers, booleans)")
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             out = []
             for i, v in enumerate(col.to_pylist()):
@@ -240,7 +242,10 @@ def _read_parquet(p: Path):
         elif pa.types.is_boolean(col.type):
             cols[c] = pd.Series(["" if v is None else str(v) for v in col.to_pylist()], dtype=object)
         else:
-            cols[c] = _to_pandas(pc.fill_null(pc.cast(col, pa.string()), ""))
+            try:
+                cols[c] = _to_pandas(pc.fill_null(pc.cast(col, pa.string()), ""))
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                raise DataError(f"{p.name}: column {c} holds {col.type}, which cannot be read as text") from None
     return pd.DataFrame(cols), problems, lambda i: f"data row {i + 1} (1-based)"
 
 

@@ -10,8 +10,10 @@ import torch
 from engine.cli import UserError
 from lora.inject import lora_modules
 from lora.io import load_adapter, read_run
+from model.config import LlamaConfig
 from model.load import load_model
 from model.precision import compute_dtype
+from model.tokenizer import Tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,10 +22,27 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError
+    except RuntimeError:
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches on the current device
     return device
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The model folder's tokenizer, checked against the model: every id it can produce must have
+    a row in the embedding (else the first such token would be an IndexError mid-run)."""
+    tok = Tokenizer.from_dir(model_dir)
+    n = LlamaConfig.from_hf_config(model_dir).vocab_size
+    if tok.vocab_size > n:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: vocab_size {n} is smaller than the tokenizer's "
+                        f"{tok.vocab_size} ({tok.path}): a tokenizer from another model?")
+    tok.label_ids()  # " True" / " False" must be single tokens: fail here, not at the first batch
+    return tok
 
 
 def build_model(model_dir, precision: str, device: torch.device, adapter=None, merge: bool = False):

@@ -8,10 +8,14 @@ written as a whole folder at once (engine/files.py: a crash leaves the old or th
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.cli import UserError
@@ -19,12 +23,66 @@ from engine.files import atomic_write_dir
 from lora.io import load_adapter, save_adapter
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """None if `path` holds a complete, readable checkpoint, else what is wrong (naming the file)."""
+    meta = path / "trainer.json"
+    if not meta.is_file():
+        return f"{meta}: missing"
+    try:
+        m = json.loads(meta.read_text())
+        int(m["step"]), m["sampler"], m["state"], m["args"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{meta}: torn or not a checkpoint's ({type(e).__name__}: {e})"
+    for name in ("state.safetensors", "adapter_model.safetensors"):
+        try:
+            with safe_open(str(path / name), "pt") as f:
+                for k in f.keys():  # reading every tensor's bytes finds a cut-off body too
+                    f.get_slice(k)[...]
+        except (SafetensorError, OSError) as e:
+            return f"{path / name}: unreadable ({e})"
+    return None
+
+
 def find_checkpoint(path: Path) -> Path:
-    """`path`, or what a crash in atomic_write_dir's two renames left: a complete .tmp or the .old."""
-    for cand in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
-        if (cand / "trainer.json").is_file():  # trainer.json is written last
-            return cand
-    return path
+    """The newest complete checkpoint among `path` and what a crash in atomic_write_dir's two
+    renames leaves (`path.tmp` complete, or `path.old`); `path` itself if none is complete."""
+    cands = [c for c in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old"))
+             if checkpoint_problem(c) is None]
+    return max(cands, key=lambda c: json.loads((c / "trainer.json").read_text())["step"], default=path)
+
+
+def fingerprint(path: str | Path) -> dict:
+    """Size and BLAKE2b hash of a data file: --resume refuses a file that changed."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "blake2b": h.hexdigest()}
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a run: `OUT/.lock`, holding the pid.
+
+    flock() locks die with their process (a kill -9 included), so a lock left by a dead run is
+    never stale: the next run simply takes it. A live holder is refused, naming its pid."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise UserError(f"--out {out} is in use by another train.py run (pid {holder}); "
+                            f"wait for it or pick another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 def flatten_state(obj, prefix="") -> tuple[dict, object]:
@@ -77,15 +135,20 @@ def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: di
                  "scaler": scaler.state_dict() if scaler is not None else None}
         tensors, skel = flatten_state(state)
         save_file(tensors, str(tmp / "state.safetensors"))
-        meta = {"step": step, "sampler": sampler.state_dict(), "state": skel, "args": args}
+        meta = {"step": step, "sampler": sampler.state_dict(), "state": skel, "args": args, "data": run.get("data")}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
 
     atomic_write_dir(path, write)
 
 
+def saved_meta(path: Path) -> dict:
+    """A checkpoint's trainer.json: step, sampler, args, data fingerprints."""
+    return json.loads((path / "trainer.json").read_text())
+
+
 def saved_args(path: Path) -> dict:
     """The run arguments a checkpoint was written with."""
-    return json.loads((path / "trainer.json").read_text())["args"]
+    return saved_meta(path)["args"]
 
 
 def load_checkpoint(path: Path, model, opt, scaler, sampler, device, rank: int, world: int) -> int:

@@ -51,9 +51,13 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must not look like a checkpoint
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

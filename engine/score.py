@@ -81,12 +81,17 @@ def metrics(labels: np.ndarray, p_true: np.ndarray, threshold: float = 0.5) -> d
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return dict(n=len(y), accuracy=(tp + tn) / max(len(y), 1), precision=precision, recall=recall, f1=f1,
-                auc=roc_auc(y, p_true), confusion={"tp": tp, "fp": fp, "fn": fn, "tn": tn})
+                auc=_finite_or_none(roc_auc(y, p_true)), confusion={"tp": tp, "fp": fp, "fn": fn, "tn": tn})
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if np.isfinite(x) else None  # JSON has no NaN: an undefined AUC is null
 
 
 def format_metrics(m: dict) -> str:
     c = m["confusion"]
-    return (f"n={m['n']} acc={m['accuracy']:.4f} auc={m['auc']:.4f} P={m['precision']:.3f} "
+    auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+    return (f"n={m['n']} acc={m['accuracy']:.4f} auc={auc} P={m['precision']:.3f} "
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 

@@ -21,6 +21,7 @@ from data.batches import RowDataset
 from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
 from data.read import read_table, split_by_question
 from engine.build import build_model, resolve_device
+from engine.checkpoint import fingerprint
 from engine.cli import UserError
 from engine.score import format_metrics, metrics, score
 from lora.inject import ALL_PROJECTIONS, apply_lora, mark_only_lora_trainable, param_summary
@@ -30,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN, DEFAULT_VAL = REPO / "data" / "gsm8k_train.csv", REPO / "data" / "gsm8k_val.csv"
 # Rank 0 evaluates alone while the others wait in a barrier: allow for a long validation pass.
 DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a TrainConfig field: val_rows -> --val-rows."""
+    return "--" + key.replace("_", "-")
 
 
 @dataclass
@@ -81,6 +87,14 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.dropout < 1:
             raise UserError("--dropout must be in [0, 1)")
+        for name in ("alpha", "lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "clip", "warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.val_rows is not None and self.val_rows < 1:
+            raise UserError(f"--val-rows must be at least 1, got {self.val_rows}")
         if not 0 < self.val_fraction < 1:
             raise UserError("--val-fraction must be in (0, 1)")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -101,16 +115,23 @@ RESUME_KEYS = ("model", "data", "val_file", "val_fraction", "r", "alpha", "dropo
 assert set(RESUME_KEYS) <= {f.name for f in fields(TrainConfig)}
 
 
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+def data_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """(training file, validation file or None for a split of the training file)."""
+    data = Path(cfg.data) if cfg.data else DEFAULT_TRAIN
+    return data, Path(cfg.val_file) if cfg.val_file else (DEFAULT_VAL if cfg.data is None else None)
 
 
 def run_record(cfg: TrainConfig, model_dir: Path) -> dict:
     """What scoring with this run's adapter needs to know, stored in every adapter file it writes
-    (lora/io.py: the header's "run"), so the file alone is enough: predict.py reads it back."""
-    return {"model_dir": str(Path(model_dir).resolve()), "prompt": load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT,
-            "prompt_file": cfg.prompt_file and str(Path(cfg.prompt_file).resolve()), "max_seq_len": cfg.max_seq_len, "precision": cfg.precision,
-            "loss": cfg.loss}
+    (lora/io.py: the header's "run"), so the file alone is enough: predict.py reads it back. Also
+    the data files' fingerprints, which --resume checks."""
+    data, val = data_files(cfg)
+    fp = lambda f: {"path": str(Path(f).resolve()), **fingerprint(f)} if Path(f).is_file() else None
+    return {"model_dir": str(Path(model_dir).resolve()),
+            "prompt": load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT,
+            "prompt_file": cfg.prompt_file and str(Path(cfg.prompt_file).resolve()),
+            "max_seq_len": cfg.max_seq_len, "precision": cfg.precision, "loss": cfg.loss,
+            "data": {"train": fp(data), "val": fp(val) if val else None}}
 
 
 def get_lr(step: int, *, lr: float, steps: int, warmup: int, scheduler: str) -> float:
@@ -145,17 +166,19 @@ def setup_distributed(device_arg: str):
 
 def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
     """(train rows, validation rows, the training file's read stats)."""
-    default = cfg.data is None
-    data = Path(cfg.data) if cfg.data else DEFAULT_TRAIN
+    data, val_file = data_files(cfg)
     template = load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT
     df, stats = read_table(data, skip_bad_rows=cfg.skip_bad_rows, require_label=True)
-    val_file = cfg.val_file or (DEFAULT_VAL if default else None)
     if val_file:
         val_df, _ = read_table(val_file, skip_bad_rows=cfg.skip_bad_rows, require_label=True)
     else:
         df, val_df = split_by_question(df, cfg.val_fraction, cfg.seed)
     if cfg.val_rows and len(val_df) > cfg.val_rows:
         val_df = val_df.sample(n=cfg.val_rows, random_state=cfg.seed).sort_index()
+    if len(val_df) == 0 or len(df) == 0:
+        side = "validation" if len(val_df) == 0 else "training"
+        raise UserError(f"{data}: no {side} rows left after splitting {len(df) + len(val_df)} row(s) by question "
+                        f"(--val-fraction {cfg.val_fraction}); pass --val-file or use more rows")
     train_ds = RowDataset(df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, cfg.loss), pad_id=tok.pad_id)
     val_ds = RowDataset(val_df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, "answer"), pad_id=tok.pad_id)
     return train_ds, val_ds, stats

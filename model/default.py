@@ -86,6 +86,16 @@ def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
 
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted Hugging Face folder of the default model; fetches and converts on first use.
+    A cache folder that cannot be written (read-only, or a file) is a DefaultModelError."""
+    try:
+        return _default_model_dir(cache_dir)
+    except OSError as e:
+        raise DefaultModelError(f"--cache-dir {cache_root(cache_dir)}: cannot keep the default model there "
+                                f"({e.strerror or e}); pass another --cache-dir (or set LLAMA3_LORA_CACHE)") from None
+
+
+def _default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """default_model_dir's work.
 
     Args:
         cache_dir: where to cache (default $LLAMA3_LORA_CACHE or $XDG_CACHE_HOME/llama3-lora).

@@ -12,12 +12,13 @@ key exactly once, no unexpected key, every shape right. Pickle checkpoints are r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.cli import UserError
@@ -44,6 +45,16 @@ def hf_to_ours(key: str, cfg: LlamaConfig) -> str | None:
     if key == "lm_head.weight" and cfg.tie_word_embeddings:
         return None  # tied: the head IS embed_tokens; some exporters still write a copy
     return None if _SKIPPED.fullmatch(key) else key
+
+
+@contextlib.contextmanager
+def _open(f: Path):
+    """safe_open, with a cut or corrupt file (a partial download) as a LoadError naming it."""
+    try:
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            yield sf
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{f}: unreadable safetensors file ({e}); a partial download?") from None
 
 
 def _refuse_pickle(f: Path):
@@ -109,7 +120,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
     projs = [f"model.layers.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in PROJECTIONS]
     proj_weights = {p + ".weight" for p in projs}
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as sf:
+        with _open(f) as sf:
             for key in sf.keys():
                 ours = plan.get((f, key))
                 if ours is None:
@@ -150,7 +161,7 @@ def _check_keys(files: list[Path], weight_map: dict[str, str], index: Path | Non
     plan: dict[tuple[Path, str], str | None] = {}
     seen: dict[str, Path] = {}
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as sf:
+        with _open(f) as sf:
             for key in sf.keys():
                 ours = hf_to_ours(key, cfg)
                 if ours is not None and ours not in expected:

@@ -1,0 +1,222 @@
+"""Faults an outside battery found: lost work, silent wrong results, tracebacks for mistakes.
+Each test reproduces one case (the issue's numbering in brackets) on the tiny model."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import engine.checkpoint
+import engine.loss as loss_mod
+import predict
+import train
+from engine.cli import UserError
+from engine.score import metrics
+from tiny import make_workdir, synthetic_rows, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("faults"), n_rows=120, n_val=20, seed=2)
+
+
+def args(tiny, out, *extra):
+    return train_args(tiny, out, "--batch-size", "2", "--grad-accum", "1", *extra)
+
+
+def steps_of(out):
+    return [r["step"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------- lost or corrupted work
+
+def test_1_a_second_run_on_the_same_out_is_refused_naming_the_holder(tiny, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args(tiny, out, "--steps", "200")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (out / "metrics.jsonl").is_file():
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.1)
+        with pytest.raises(UserError, match=rf"in use by another train.py run \(pid {proc.pid}\)"):
+            train.main(args(tiny, out, "--steps", "2", "--resume"))
+    finally:
+        proc.kill()
+        proc.wait()
+    # The killed run's lock died with it: the folder is usable again.
+    assert train.main(args(tiny, out, "--steps", "1", "--overwrite")) == 0
+
+
+def test_4_a_full_disk_is_one_line_naming_the_intact_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    real, n = engine.checkpoint.save_file, []
+
+    def save_file_until_full(tensors, path, *a, **k):
+        n.append(1)
+        if len(n) > 1:  # the second checkpoint finds the disk full
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(engine.checkpoint, "save_file", save_file_until_full)
+    with pytest.raises(UserError, match=r"No space left on device\); the last complete checkpoint is "
+                                        r".*checkpoint \(step 1\)"):
+        train.main(args(tiny, out, "--steps", "3", "--save-every", "1"))
+    assert not (out / "checkpoint.tmp").exists()
+    monkeypatch.setattr(engine.checkpoint, "save_file", real)  # space freed
+    assert train.main(args(tiny, out, "--steps", "3", "--save-every", "1", "--resume")) == 0
+    assert steps_of(out) == [1, 2, 3]
+
+
+def test_5_resume_picks_the_newest_complete_checkpoint_or_names_the_broken_file(tiny, tmp_path, capsys):
+    out = tmp_path / "torn"
+    assert train.main(args(tiny, out, "--steps", "2", "--save-every", "1")) == 0
+    ck = out / "checkpoint"
+    # A kill mid-save: checkpoint.old complete (step 2), checkpoint.tmp with a torn trainer.json.
+    shutil.copytree(ck, out / "checkpoint.tmp")
+    ck.rename(out / "checkpoint.old")
+    meta = (out / "checkpoint.tmp" / "trainer.json").read_text()
+    (out / "checkpoint.tmp" / "trainer.json").write_text(meta[:len(meta) // 2])
+    assert engine.checkpoint.find_checkpoint(ck) == out / "checkpoint.old"
+    assert train.main(args(tiny, out, "--steps", "2", "--save-every", "1", "--resume")) == 0
+    assert f"resuming from {out / 'checkpoint.old'} (step 2)" in capsys.readouterr().err
+    # A truncated state.safetensors in the only checkpoint: the error names that file.
+    shutil.rmtree(out / "checkpoint.tmp")
+    (out / "checkpoint.old").rename(ck)
+    state = ck / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"no checkpoint in .* is complete \(.*state.safetensors: unreadable"):
+        train.main(args(tiny, out, "--steps", "2", "--save-every", "1", "--resume"))
+
+
+def test_6_a_second_sigterm_during_the_save_does_not_tear_it(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "twice"
+    real = engine.checkpoint.save_file
+
+    def save_under_fire(tensors, path, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` sends it, twice, while the save runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(engine.checkpoint, "save_file", save_under_fire)
+    assert train.main(args(tiny, out, "--steps", "5", "--save-every", "2")) == 128 + signal.SIGTERM
+    monkeypatch.setattr(engine.checkpoint, "save_file", real)
+    assert engine.checkpoint.checkpoint_problem(out / "checkpoint") is None
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 2
+
+
+# ---------------------------------------------------------------------------- silent wrong results
+
+def test_7_an_empty_validation_side_is_refused_and_metrics_json_is_valid(tiny, tmp_path):
+    one = tmp_path / "one.csv"
+    synthetic_rows(1, seed=3).to_csv(one, index=False)
+    a = [x for x in args(tiny, tmp_path / "o") if x not in ("--val-file", str(tiny / "val.csv"))]
+    with pytest.raises(UserError, match="no validation rows left"):
+        train.main(a[:a.index("--data") + 1] + [str(one)] + a[a.index("--data") + 2:] + ["--steps", "1"])
+    m = metrics(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.7]))  # one class only: AUC undefined
+    assert m["auc"] is None and json.loads(json.dumps(m, allow_nan=False)) == m
+
+
+def test_8_nan_weights_are_an_error_not_a_submission_of_false(tiny, tmp_path):
+    bad = tmp_path / "nanmodel"
+    shutil.copytree(tiny / "model", bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"non-finite logits for 20 of 20 rows \(first: ID 'r100'\)"):
+        predict.main(["--model", str(bad), "--device", "cpu", "--data", str(tiny / "val.csv"),
+                      "--out", str(tmp_path / "s.csv")])
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("flags, msg", [(["--alpha", "0"], "--alpha must be greater than 0"),
+                                        (["--lr", "-1"], "--lr must be greater than 0"),
+                                        (["--weight-decay", "-1"], "--weight-decay must not be negative"),
+                                        (["--val-rows", "-5"], "--val-rows must be at least 1"),
+                                        (["--device", "tpu"], "--device tpu: use auto, cpu, cuda")])
+def test_9_17_15_bad_flags_name_the_flag(tiny, tmp_path, flags, msg):
+    with pytest.raises(UserError, match=msg):
+        train.main(args(tiny, tmp_path / "x", "--steps", "1", *flags))
+
+
+def test_11_resume_refuses_changed_data_and_accepts_the_same_file_by_another_path(tiny, tmp_path, monkeypatch):
+    data = tmp_path / "train.csv"
+    shutil.copy(tiny / "train.csv", data)
+    out = tmp_path / "fp"
+    a = args(tiny, out, "--steps", "3", "--save-every", "1")
+    a[a.index("--data") + 1] = str(data)
+    real, calls = loss_mod.accumulate, []
+
+    def stop_in_step_2(*x, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*x, **k)
+    monkeypatch.setattr(loss_mod, "accumulate", stop_in_step_2)
+    assert train.main(a) == 128 + signal.SIGTERM
+    monkeypatch.setattr(loss_mod, "accumulate", real)
+    df = pd.read_csv(data)
+    df["is_correct"] = ~df["is_correct"]  # labels flipped after the stop
+    df.to_csv(data, index=False)
+    with pytest.raises(UserError, match=r"train.csv changed since the checkpoint"):
+        train.main(a + ["--resume"])
+    shutil.copy(tiny / "train.csv", data)
+    monkeypatch.chdir(tmp_path)  # the same file named relatively is the same file
+    a[a.index("--data") + 1] = "./train.csv"
+    assert train.main(a + ["--resume"]) == 0 and steps_of(out) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- one line, not a traceback
+
+def test_13_a_truncated_model_file_names_the_file(tiny, tmp_path):
+    from model.load import LoadError, load_model
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny / "model", cut)
+    f = cut / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.raises(LoadError, match=rf"{f}: unreadable safetensors file"):
+        load_model(cut, "fp32")
+
+
+def test_14_a_vocabulary_smaller_than_the_tokenizer_is_one_line(tiny, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(tiny / "model", small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 100
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"config.json: vocab_size 100 is smaller than the tokenizer's"):
+        predict.main(["--model", str(small), "--device", "cpu", "--data", str(tiny / "val.csv"),
+                      "--out", str(tmp_path / "s.csv")])
+
+
+def test_15_an_unusable_cache_dir_or_out_is_one_line(tiny, tmp_path):
+    from model.default import DefaultModelError, default_model_dir
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DefaultModelError, match=rf"--cache-dir {afile}: cannot keep the default model there"):
+        default_model_dir(afile)
+    with pytest.raises(UserError, match="--out .*cannot write there"):
+        train.main(args(tiny, afile / "sub", "--steps", "1"))
+
+
+def test_16_parquet_list_columns_are_a_data_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.read import DataError, read_table
+    t = pa.table({"question": [["a", "b"]], "answer": ["1"], "solution": ["s"], "is_correct": [True]})
+    pq.write_table(t, tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet: column question holds list<"):
+        read_table(tmp_path / "t.parquet")
