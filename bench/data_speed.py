@@ -4,11 +4,14 @@ Generates a synthetic train CSV shaped like the contest's (1M rows, ~1.5 GB: rea
 solutions from data/*.csv, several solutions per question, solution lengths drawn around the
 contest's ~1.5 KB per row), then times what a training run does before its first step:
 read + validate the table, split by question, build the length-grouped sampler, and tokenize
-and collate the first batch. Then the tokenization rate (rows/s, tokens/s) over many rows.
+and collate the first batch, all through data/ (read.read_table, read.split_by_question,
+prompt.Encoder, batches.RowDataset and LengthGroupedSampler). Then the tokenization rate
+(rows/s, tokens/s) over many rows. Run from the repository root.
 
-    python bench/data_speed.py                     # 1M rows (~1.5 GB in a temp dir, deleted after)
-    python bench/data_speed.py --rows 50000        # quick run
-    python bench/data_speed.py --coverage          # % of the real sets within 256/512/1024 tokens
+    python -m bench.data_speed                     # 1M rows (~1.5 GB in a temp dir, deleted after)
+    python -m bench.data_speed --rows 50000        # quick run
+    python -m bench.data_speed --rows 2000 --tokenize-rows 500   # smoke test, seconds
+    python -m bench.data_speed --coverage          # % of the real sets within 256/512/1024 tokens
 
 Tokenizer: --tokenizer DIR, else the real Llama-3 vocabulary from the test-only package
 quicktok-v1 (written out as Meta's original/tokenizer.model), else the default model's.
@@ -26,22 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from data.dataset import (DEFAULT_PROMPT, Encoder, LengthGroupedSampler, RowDataset,  # noqa: E402
-                          read_table, split_by_question, summary)
-from model.tokenizer import Tokenizer  # noqa: E402
-
-
-def timed(fn, *args, **kw):
-    """(fn's result, wall seconds, CPU seconds of this process, all threads)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0, time.process_time() - c0
+from bench.common import REPO, timed
+from data.batches import LengthGroupedSampler, RowDataset
+from data.prompt import DEFAULT_PROMPT, Encoder
+from data.read import read_table, split_by_question, summary
+from model.tokenizer import Tokenizer
 
 
 def load_tokenizer(arg: str | None, tmp: Path) -> tuple[Tokenizer, str]:

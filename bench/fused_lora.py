@@ -1,5 +1,7 @@
 """An experiment, not used by training: LoRA adapters of several projections that read the same
-input, computed together (bench/train_speed.py --fused-lora measures it).
+input, computed together. tests/test_kernels.py checks it against its reference; no benchmark
+runs it inside the model (that would mean replacing model/llama.py's Attention and MLP forward,
+and the benchmarks call the library, never patch it).
 
 q, k and v read the same normed x; gate and up read the same x. Run one by one (lora/lora.py),
 each adapter casts x to fp32, draws its own dropout mask over it (a (T, D) fp32 tensor kept for
@@ -13,7 +15,7 @@ it is not bit-compatible with PEFT's random stream. In eval mode, or with dropou
 is identical to running the adapters one by one.
 
 `lora_multi_torch` (a loop over adapters, one shared mask) is the reference; `lora_multi_cat`
-the concatenated-A version; `lora_multi` picks by the kernels switch. `lora_group` applies the
+the concatenated-A version; `lora_multi` picks by device (cat on CUDA). `lora_group` applies the
 whole thing to LoRALinear modules (base output + adapter), for model code to call as
 `q, k, v = lora_group(x, [attn.q_proj, attn.k_proj, attn.v_proj])`.
 """
@@ -24,12 +26,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lora.lora import dropout as kernels_dropout
+from lora.lora import dropout as lora_dropout
 
 
 def _dropped(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool) -> torch.Tensor:
     x = x.to(dtype)  # the adapters run in A's dtype (fp32 by default), as LoRALinear does
-    return kernels_dropout(x, dropout, training)  # as LoRALinear's LoRADropout
+    return lora_dropout(x, dropout, training)  # as LoRALinear's LoRADropout
 
 
 def lora_multi_torch(x: torch.Tensor, a_weights: Sequence[torch.Tensor], b_weights: Sequence[torch.Tensor],

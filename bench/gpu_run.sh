@@ -4,20 +4,22 @@
 #
 #   bash bench/gpu_run.sh --prepare     # once, HERE (CPU machine): fetch the bitsandbytes wheel
 #                                       # into .whl/ and copy the peer script into .peer/
-#   bash bench/gpu_run.sh               # THERE, from the repository root
+#   bash bench/gpu_run.sh               # THERE (any folder: it cd's to the repository root and
+#                                       # runs the benchmarks as python3 -m bench.NAME)
 #
 # Device call: run(command="bash bench/gpu_run.sh", carry=[".whl", ".peer"], timeout_s=600).
 # Everything lands in $OUT (default out/gpu): log.txt (all output), train.json, score.json,
 # maxbatch.json, peer.jsonl, peer_stderr.txt -- six files, under the tool's eight.
 # Stages get shrinking time limits so the whole run ends by $DEADLINE seconds (default 570).
-# TRAIN_ARGS / SCORE_ARGS / MAXBATCH_ARGS are appended to those commands, e.g. for a CPU dry run:
-#   OUT=/tmp/g TRAIN_ARGS="--batch 2 --seq 64 --steps 1 --warmup 1" SCORE_ARGS="--batch 4 --seq 64 --reps 1" \
-#   bash bench/gpu_run.sh
+# TRAIN_ARGS / SCORE_ARGS / MAXBATCH_ARGS are appended to those commands, e.g. for a CPU dry run
+# (python3 must then be the project's: put .venv/bin first on PATH):
+#   PATH=.venv/bin:$PATH OUT=/tmp/g TRAIN_ARGS="--batch 2 --seq 64 --steps 1 --warmup 1" \
+#   SCORE_ARGS="--batch 4 --seq 64 --reps 1" bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     ""|--prepare) ;;
     *) echo "gpu_run.sh: unknown argument ${1} (use --prepare, or nothing)" >&2; exit 2 ;;
 esac
@@ -74,15 +76,15 @@ EOF
 stage "kernel tests on CUDA (Triton vs reference, then timings)"
 run 150 tests python3 -m pytest -q -s -p no:cacheprovider tests/test_kernels.py
 
-stage "training speed: 8b, int8/nf4/bf16 with kernels, int8 without; peer first"
-run 330 train python3 bench/train_speed.py --out "$OUT" --baseline-modes int8 --peer-timeout 260 ${TRAIN_ARGS:-}
+stage "training speed: 8b, int8/nf4/bf16 with KERNELS=auto, int8 with KERNELS=torch; peer first"
+run 330 train python3 -m bench.train_speed --out "$OUT" --baseline-modes int8 --peer-timeout 260 ${TRAIN_ARGS:-}
 
-stage "scoring speed: 8b, 16 x 512, int8/bf16 (+ int8 without kernels); peer rows reused"
+stage "scoring speed: 8b, 16 x 512, int8/bf16 (+ int8 with KERNELS=torch); peer rows reused"
 PEER=run; [ -s "$OUT/peer.jsonl" ] && PEER="$OUT/peer.jsonl"
-run 120 score python3 bench/score_speed.py --out "$OUT" --baseline-modes int8 --peer "$PEER" ${SCORE_ARGS:-}
+run 120 score python3 -m bench.score_speed --out "$OUT" --baseline-modes int8 --peer "$PEER" ${SCORE_ARGS:-}
 
 stage "largest int8 batch x length in 14 GiB"
-run 120 maxbatch python3 bench/train_speed.py --find-max-batch --lengths 512,1024,2048,4096 --out "$OUT" \
+run 120 maxbatch python3 -m bench.train_speed --find-max-batch --lengths 512,1024,2048,4096 --out "$OUT" \
     ${MAXBATCH_ARGS:-}
 
 stage "summary"

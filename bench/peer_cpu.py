@@ -4,11 +4,13 @@ Same model folder (the embedded SmolLM2-135M-Instruct unless --model), loaded by
 `LlamaForCausalLM.from_pretrained(..., dtype=float32)`; PEFT LoRA with the same r, alpha,
 dropout, rsLoRA and target projections; activation checkpointing through
 `model.gradient_checkpointing_enable()` (non-reentrant, as ours); the same AdamW, learning rate
-schedule (`train.get_lr`), clip and loss. The data are not re-implemented: `train.parse_args`
-reads the very same flags and `train.load_data` + `data.dataset.LengthGroupedSampler` give the
-same rows, validation sample and batches, in the same order, as train.py with the same --seed.
+schedule (`engine.trainer.get_lr`), clip and loss. The data are not re-implemented: train.py's
+flags, by the same names and with the same defaults, become an `engine.trainer.TrainConfig`
+(bench/common.py: train_config), and `engine.trainer.load_data` + `data.batches.LengthGroupedSampler`
+give the same rows, validation sample and batches, in the same order, as train.py with the same
+--seed.
 
-Loss (answer mode, as `train.compute_loss`): the body's hidden state at each row's cue goes
+Loss (answer mode, as `engine.loss.compute_loss`): the body's hidden state at each row's cue goes
 through the head, cross-entropy against the label token, summed, divided by the target count of
 the whole accumulation window. `--peer-head full` instead takes `model(...).logits` (the head on
 every position) and gathers the cue: what a plain transformers user would write; the default
@@ -16,23 +18,25 @@ gathers first, so both sides do the same arithmetic and the timing compares the 
 Full mode (`--loss full`): every target of the window, through the chunk-free HF head.
 
 Scoring (validation and bench/score_cpu.py) is the usual HF pattern: each batch (rows in order
-of character length, as `predict.score` did before it sorted by token count) is left-padded, positions come from the mask, `logits_to_keep=1`
-keeps the last position (the cue), p_true = softmax(logit " True", logit " False").
+of character length, as `engine.score.score` did before it sorted by token count) is
+left-padded, positions come from the mask, `logits_to_keep=1` keeps the last position (the
+cue), p_true = softmax(logit " True", logit " False").
 
 Same random numbers too: PEFT builds its lora_A / lora_B in the same module order as our
 `apply_lora` and draws from the torch RNG in the same order (nn.Linear init, then Kaiming-uniform
 A, zero B), and both dropouts act on the adapter input, called in the same order after the
 same `torch.manual_seed(seed)` that train.py sets. So with the same --seed the adapter starts
 bit-identical (checked: max |A_ours - A_peer| = 0), and with KERNELS=torch (ours then draws
-torch's F.dropout masks, as PEFT's nn.Dropout does, not kernels/dropout.py's cheaper ones) the
-dropout masks coincide too; the
-two runs differ only by floating-point rounding (different op order inside the libraries), which
-bench/train_cpu.py shows as the largest per-step loss difference.
+torch's F.dropout masks, as PEFT's nn.Dropout does, not lora/lora.py's cheaper dropout_bits) the
+dropout masks coincide too; the two runs differ only by floating-point rounding (different op
+order inside the libraries), which bench/train_cpu.py shows as the largest per-step loss
+difference. From the repository root:
 
-    python bench/peer_cpu.py --steps 3 --val-rows 16 --max-seq-len 256   # the peer alone
+    python -m bench.peer_cpu --steps 3 --val-rows 16 --max-seq-len 256   # the peer alone
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -40,32 +44,22 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import predict  # noqa: E402
-import train  # noqa: E402
-from data.dataset import LengthGroupedSampler  # noqa: E402
+from bench.common import model_dir_of, step_stats, train_config
+from data.batches import LengthGroupedSampler
+from engine.score import format_metrics, metrics
+from engine.trainer import TrainConfig, get_lr, load_data
+from model.tokenizer import Tokenizer
 
 # peft calls transformers' deprecated gradient-checkpointing helpers; not ours to fix.
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# The clock of step times: wall time, or (bench/train_cpu.py --clock cpu) this process's CPU time,
-# which with one torch thread is immune to other jobs taking the core away.
-CLOCK = time.perf_counter
 
-
-def resolve_model_dir(args) -> Path:
-    from model.default import default_model_dir
-    return Path(args.model) if args.model else default_model_dir(args.cache_dir)
-
-
-def load_peer(model_dir: Path, args):
+def load_peer(model_dir: Path, args: TrainConfig):
     """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say, initialised from torch.manual_seed(args.seed)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -77,7 +71,7 @@ def load_peer(model_dir: Path, args):
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(args.seed)  # as train.build does before apply_lora: the same A (see docstring)
+    torch.manual_seed(args.seed)  # as build_for_training does before apply_lora: the same A (see docstring)
     return get_peft_model(hf, cfg)
 
 
@@ -88,7 +82,7 @@ def parts(pm):
 
 
 def peer_loss(pm, batch: dict, loss_mode: str, head: str = "gather") -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (fp32), like train.compute_loss."""
+    """Summed cross-entropy over the batch's target tokens (fp32), like engine.loss.compute_loss."""
     ids, mask, targets, cue = batch["input_ids"], batch["attention_mask"], batch["targets"], batch["cue_pos"]
     rows = torch.arange(ids.shape[0])
     if loss_mode == "answer":
@@ -118,7 +112,8 @@ def left_pad(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def peer_score(pm, ds, batch_size: int, label_ids: tuple[int, int], pad_id: int) -> np.ndarray:
-    """p_true per row of `ds` (row order), same batches as predict.score, HF last-position logits."""
+    """p_true per row of `ds` (row order), HF last-position logits, batches of rows in order of
+    character length (engine.score.score re-sorts by token count within chunks of rows)."""
     was = pm.training
     pm.eval()
     order = np.argsort(ds.lengths, kind="stable").tolist()
@@ -133,95 +128,94 @@ def peer_score(pm, ds, batch_size: int, label_ids: tuple[int, int], pad_id: int)
     return p_true
 
 
-def windows(args, train_ds, n: int | None = None):
-    """The first `n` (default --steps) accumulation windows train.py draws, in order: a list of
-    micro-batch dicts per optimizer step."""
-    sampler = LengthGroupedSampler(train_ds.lengths, args.batch_size, seed=args.seed)
-    for _ in range(args.steps if n is None else n):
-        yield [train_ds.batch(sampler.next_batch()) for _ in range(args.grad_accum)]
+def windows(cfg: TrainConfig, train_ds, n: int | None = None):
+    """The first `n` (default cfg.steps) accumulation windows train.py draws, in order: a list of
+    micro-batch dicts per optimizer step (its sampler, one rank)."""
+    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed)
+    for _ in range(cfg.steps if n is None else n):
+        yield [train_ds.batch(sampler.next_batch()) for _ in range(cfg.grad_accum)]
 
 
 def setup(argv: list[str]):
-    """(args, model_dir, tokenizer, train_ds, val_ds) exactly as train.main builds them."""
-    from model.tokenizer import Tokenizer
-    args = train.parse_args(argv)
-    if (args.precision or "fp32") != "fp32":
+    """(cfg, model_dir, tokenizer, train_ds, val_ds) from train.py flags, as train.py builds them
+    (TrainConfig, then engine.trainer.load_data); cfg.precision is fp32, the only one compared."""
+    cfg = train_config(argv)
+    if (cfg.precision or "fp32") != "fp32":
         raise SystemExit("peer_cpu: only --precision fp32 is compared on CPU")
-    model_dir = resolve_model_dir(args)
+    cfg.precision = "fp32"  # train.py's default on the CPU
+    model_dir = model_dir_of(cfg)
     tok = Tokenizer.from_dir(model_dir)
-    train_ds, val_ds, _ = train.load_data(args, tok, 0)
-    return args, model_dir, tok, train_ds, val_ds
+    train_ds, val_ds, _ = load_data(cfg, tok)
+    return cfg, model_dir, tok, train_ds, val_ds
 
 
 def opt_step(params, opt, clip: float) -> float:
+    """Clip the gradient norm (0: off) and step, as train.py does; returns the norm."""
     gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return gnorm
 
 
-def train_peer(argv: list[str], head: str = "gather", log=print) -> dict:
+def train_peer(argv: list[str], head: str = "gather", log=print, clock=time.perf_counter) -> dict:
     """Run train.py's loop with the peer model. Returns per-step records and step-0 / final metrics.
 
-    A step's time runs from the end of the previous step to the end of this one and includes
-    building its batches, as train.py's tokens_per_s does. Evaluation sits outside it.
+    A step's time (on `clock`) runs from the end of the previous step to the end of this one and
+    includes building its batches, as train.py's tokens_per_s does. Evaluation sits outside it.
     """
-    args, model_dir, tok, train_ds, val_ds = setup(argv)
-    pm = load_peer(model_dir, args)
+    cfg, model_dir, tok, train_ds, val_ds = setup(argv)
+    pm = load_peer(model_dir, cfg)
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = int(args.warmup) if args.warmup >= 1 else int(args.warmup * args.steps)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # engine.trainer.make_optimizer's
     labels = val_ds.df["is_correct"].to_numpy()
     label_ids = tok.label_ids()
 
     def evaluate(step):
         t = time.perf_counter()
-        m = predict.metrics(labels, peer_score(pm, val_ds, args.eval_batch_size, label_ids, tok.pad_id))
-        log(f"peer step {step:>4} validation: {predict.format_metrics(m)} ({time.perf_counter() - t:.0f} s)")
+        m = metrics(labels, peer_score(pm, val_ds, cfg.eval_batch_size, label_ids, tok.pad_id))
+        log(f"peer step {step:>4} validation: {format_metrics(m)} ({time.perf_counter() - t:.0f} s)")
         return m
 
     eval0 = evaluate(0)
-    torch.manual_seed(args.seed)  # dropout masks: train.py seeds the same way (rank 0)
+    torch.manual_seed(cfg.seed)  # dropout masks: train.py seeds the same way (rank 0)
     pm.train()
-    recs, t_last = [], CLOCK()
-    sampler = LengthGroupedSampler(train_ds.lengths, args.batch_size, seed=args.seed)
-    for step in range(args.steps):
-        lr = train.get_lr(step, lr=args.lr, steps=args.steps, warmup=warmup, scheduler=args.scheduler)
+    recs, t_last = [], clock()
+    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed)
+    for step in range(cfg.steps):
+        lr = get_lr(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup_steps, scheduler=cfg.scheduler)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [train_ds.batch(sampler.next_batch()) for _ in range(args.grad_accum)]
+        batches = [train_ds.batch(sampler.next_batch()) for _ in range(cfg.grad_accum)]
         n_targets = float(sum(int((b["targets"] != -100).sum()) for b in batches))
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loss_sum = 0.0
         for b in batches:
-            loss = peer_loss(pm, b, args.loss, head) / n_targets
+            loss = peer_loss(pm, b, cfg.loss, head) / n_targets
             loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
             raise RuntimeError(f"peer: non-finite loss at step {step}")
-        gnorm = opt_step(params, opt, args.clip)
-        now = CLOCK()
+        gnorm = opt_step(params, opt, cfg.clip)
+        now = clock()
         recs.append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens,
                      "seconds": now - t_last})
         log(f"peer step {step + 1:>4} loss {loss_sum:.4f} lr {lr:.2e} {now - t_last:.2f} s "
             f"{n_tokens / (now - t_last):.0f} tok/s")
         t_last = now
-    final = evaluate(args.steps)
+    final = evaluate(cfg.steps)
     return {"steps": recs, "eval0": eval0, "final": final}
 
 
 def main(argv=None) -> int:
-    import argparse
     p = argparse.ArgumentParser(description="the transformers + PEFT peer alone, on train.py's flags",
-                                epilog="every other flag is train.py's (python train.py --help)")
+                                epilog="every other flag is train.py's (python train.py --help), with TrainConfig's defaults")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",
                    help="gather: head at the cue only (same work as ours); full: logits at every position")
     mine, rest = p.parse_known_args(argv)
     r = train_peer(rest, mine.peer_head)
-    secs = [s["seconds"] for s in r["steps"][1:]] or [r["steps"][0]["seconds"]]
-    toks = sum(s["tokens"] for s in r["steps"][1:]) or r["steps"][0]["tokens"]
+    med, tps = step_stats([s["seconds"] for s in r["steps"]], [s["tokens"] for s in r["steps"]])
     print(f"| step s (median, excl. 1st) | tokens/s | acc 0 | auc 0 | acc end | auc end |\n| --- | --- | --- | --- | --- | --- |\n"
-          f"| {float(np.median(secs)):.3f} | {toks / sum(secs):.0f} | {r['eval0']['accuracy']:.4f} | {r['eval0']['auc']:.4f} "
+          f"| {med:.3f} | {tps:.0f} | {r['eval0']['accuracy']:.4f} | {r['eval0']['auc']:.4f} "
           f"| {r['final']['accuracy']:.4f} | {r['final']['auc']:.4f} |")
     return 0
 

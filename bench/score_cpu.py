@@ -1,20 +1,24 @@
-"""Scoring on CPU: `predict.score` against transformers + PEFT, same model, adapter, rows, batches.
+"""Scoring on CPU: `engine.score.score` against transformers + PEFT, same model, adapter, rows.
 
-Ours: `predict.build_model` (fp32) + the adapter merged into the weights, as predict.py does for
-fp32, then `predict.score` (batches by token count, right padding, the head at each row's cue
-only); "ours unmerged" keeps the adapter beside the weights, as training's evaluation does. The peer: `LlamaForCausalLM.from_pretrained` (fp32) + `PeftModel.from_pretrained`
-on the same adapter folder, then `bench/peer_cpu.peer_score`: the same rows in the same batches,
-left-padded, positions from the mask, `logits_to_keep=1`, batches by character length (what
-predict.py did before it sorted by tokens; a plain loop over unsorted rows would pad more). Both give p_true = softmax over the
+Ours: `engine.build.build_model` (fp32) with the adapter merged into the weights, as predict.py
+does for fp32, then `engine.score.score` (batches by token count, right padding, the head at each
+row's cue only); "ours unmerged" keeps the adapter beside the weights, as training's evaluation
+does. The peer: `LlamaForCausalLM.from_pretrained` (fp32) + `PeftModel.from_pretrained` on the
+same adapter folder, then `bench.peer_cpu.peer_score`: the same rows, left-padded, positions from
+the mask, `logits_to_keep=1`, batches by character length (what predict.py did before it sorted
+by tokens; a plain loop over unsorted rows would pad more). Both give p_true = softmax over the
 logits of " True" and " False" at the cue; the script checks they agree within --tol.
 
 Without --adapter a random one is made (seeded: A as initialised, B ~ N(0, --b-std)) so the
 adapter really moves the scores. Passes alternate ours, peer, peer, ours, ...; the first pass of
 each side is a warm-up (it also tokenizes the rows) and is not timed.
 
-    python bench/score_cpu.py                                    # 200 validation rows, batch 16
-    python bench/score_cpu.py --adapter runs/default --rows 500
-    python bench/score_cpu.py --rows 16 --steps 1 --max-seq-len 256   # smoke test, < 1 min
+Run from the repository root:
+
+    python -m bench.score_cpu                                    # 200 validation rows, batch 16
+    python -m bench.score_cpu --rows 64 --steps 2                # the README's scoring table
+    python -m bench.score_cpu --adapter runs/default --rows 500
+    python -m bench.score_cpu --rows 16 --steps 1 --max-seq-len 256   # smoke test, < 1 min
 """
 from __future__ import annotations
 
@@ -22,24 +26,24 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import peer_cpu  # noqa: E402
-import predict  # noqa: E402
-from data.dataset import DEFAULT_PROMPT, Encoder, RowDataset, read_table  # noqa: E402
+from bench import peer_cpu
+from bench.common import REPO, add_clock_args, clock_of
+from data.batches import RowDataset
+from data.prompt import DEFAULT_PROMPT, Encoder
+from data.read import read_table
+from engine.build import build_model
+from engine.score import score
 
 
 def random_adapter(model_dir: Path, out: Path, seed: int, b_std: float, r: int, alpha: float) -> None:
     from lora.inject import apply_lora
     from lora.io import save_adapter
-    model = predict.build_model(model_dir, "fp32", torch.device("cpu"))
+    model = build_model(model_dir, "fp32", torch.device("cpu"))
     torch.manual_seed(seed)
     apply_lora(model, r=r, alpha=alpha, dropout=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -64,13 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=64, help="random adapter's alpha")
     p.add_argument("--b-std", type=float, default=0.02, help="random adapter's B standard deviation")
     p.add_argument("--tol", type=float, default=1e-4, help="largest allowed |p_true ours - p_true peer|")
-    p.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's, = cores)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time passes in wall time or in this process's CPU time (with --threads 1: immune to other jobs)")
+    add_clock_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = clock_of(args)
     from model.default import default_model_dir
     from model.tokenizer import Tokenizer
     from peft import PeftModel
@@ -89,15 +89,14 @@ def main(argv=None) -> int:
             adapter = Path(args.adapter) if args.adapter else Path(tmp)
             if not args.adapter:
                 random_adapter(model_dir, adapter, seed, args.b_std, args.r, args.alpha)
-            ours = predict.build_model(model_dir, "fp32", cpu, adapter, merge=True)
-            unmerged = predict.build_model(model_dir, "fp32", cpu, adapter)
+            ours = build_model(model_dir, "fp32", cpu, adapter, merge=True)
+            unmerged = build_model(model_dir, "fp32", cpu, adapter)
             hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
             folder = adapter if adapter.is_dir() else adapter.parent
             pm = PeftModel.from_pretrained(hf, folder).eval()
-        passes = {"ours": lambda: predict.score(ours, ds, args.batch_size, cpu, label_ids, progress=False),
+        passes = {"ours": lambda: score(ours, ds, args.batch_size, cpu, label_ids, progress=False),
                   "peer": lambda: peer_cpu.peer_score(pm, ds, args.batch_size, label_ids, tok.pad_id),
-                  "ours unmerged": lambda: predict.score(unmerged, ds, args.batch_size, cpu, label_ids,
-                                                         progress=False)}
+                  "ours unmerged": lambda: score(unmerged, ds, args.batch_size, cpu, label_ids, progress=False)}
         sides = list(passes)
         times, p_true = {k: [] for k in sides}, {}
         for i in range(args.steps + 1):

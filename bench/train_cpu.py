@@ -1,44 +1,57 @@
-"""Training on CPU: our train.py against transformers + PEFT (bench/peer_cpu.py), same everything.
+"""Training on CPU: our training step and train.py against transformers + PEFT (bench/peer_cpu.py).
 
 Same model folder, data, validation sample, prompt, hyper-parameters and batches (the peer draws
-them through train.py's own parser, data loader and sampler), for a few seeds. Two phases:
+them through the library's own TrainConfig, data loader and sampler, from train.py's flags), for
+a few seeds. Two phases:
 
-1. speed (interleaved): both models built in this process; the first --speed-steps windows of
-   seed 1 (after one warm-up window) are built once, then for each micro-batch every run does its
-   forward + backward in turn, the order flipping each time (ours, peer, peer, ours, ...), so that
-   machine load hits all runs alike; each run's clip + AdamW closes its window. Reported: median
-   step time, tokens/s, and the median over windows of (this run's time / ours). `--variants`
-   adds runs: `nockpt` (ours without activation checkpointing), `kernels` (ours with kernels/
-   wired in as bench/train_speed.py does it; on CPU that is the PyTorch references, whose gain is
-   one dropout mask and one A GEMM for q,k,v and for gate,up), `fullhead` (the peer computing
-   logits at every position, then gathering, as a plain transformers loop would), `torchdrop`
-   (ours drawing torch's dropout masks, KERNELS=torch, instead of kernels/dropout.py's).
-2. learning: per seed, `train.main` (in this process, --eval-every 0 so no evaluation falls inside
-   a timed step) and the peer's copy of its loop, in alternating order (seed 1 ours first, seed 2
-   peer first, ...). Reported per run: step time (median, first step excluded), tokens/s (real
+1. speed (interleaved, in this process): ours is built and stepped through the library with the
+   calls train.py's loop makes -- engine.trainer.build_for_training and make_optimizer, then per
+   micro-batch engine.loss.accumulate, and clip + AdamW to close the window -- next to the peer
+   model. The first --speed-steps windows of the first seed (after one warm-up window) are built
+   once, then for each micro-batch every run does its forward + backward in turn, the order
+   flipping each time (ours, peer, peer, ours, ...), so that machine load hits all runs alike;
+   each run's clip + AdamW closes its window. Reported: median step time, tokens/s, and the
+   median over windows of (this run's time / ours). `--variants` adds runs: `nockpt` (ours
+   without activation checkpointing), `fullhead` (the peer computing logits at every position,
+   then gathering, as a plain transformers loop would), `torchdrop` (ours under
+   kernels.backend("torch"): torch's dropout masks instead of lora/lora.py's dropout_bits; on
+   the CPU that is all the switch changes).
+2. learning: per seed, `python train.py` itself, run as a subprocess from the repository root
+   with KERNELS=torch in its environment (--eval-every 0, so no evaluation falls inside a timed
+   step), and the peer's copy of its loop in this process, in alternating order (seed 1 ours
+   first, seed 2 peer first, ...). Ours is read back from the run's metrics.jsonl: the loss and
+   tokens_per_s train.py logs for each step (its own wall clock, from the end of one step to the
+   end of the next, batch building included, as the peer's) and the step-0 and final
+   evaluations. So the learning figures are train.py's, end to end, with nothing re-implemented
+   or patched. Reported per run: step time (median, first step excluded), tokens/s (real
    tokens, no padding), validation accuracy and ROC-AUC at step 0 and at the end, the load, and
    the largest per-step loss difference between the two sides: the adapters start bit-identical
-   and draw the same dropout masks (see peer_cpu.py; ours runs with KERNELS=torch here, which
-   on CPU changes only the dropout to torch's own masks), so that checks data, prompt, loss and
-   optimizer are the same, up to rounding. The step times of this phase are therefore ours
-   without the cheaper dropout; phase 1 times the default.
+   and draw the same dropout masks (see peer_cpu.py; KERNELS=torch on our side), so that checks
+   data, prompt, loss and optimizer are the same, up to rounding. The step times of this phase
+   are therefore ours without the cheaper dropout; phase 1 times the default.
 
-    python bench/train_cpu.py                                              # the main measurement
-    python bench/train_cpu.py --no-learn --speed-steps 8 --threads 1 --clock cpu \
-        --variants nockpt,kernels,fullhead --profile 12                    # speed on a busy machine
-    python bench/train_cpu.py --seeds 1 --steps 1 --rows 4 --speed-steps 1 \
-        --batch-size 1 --max-seq-len 128                                   # smoke test, < 1 min
-    python bench/train_cpu.py --seeds 1,2,3 --lr 1e-3                      # any train.py flag
+Run from the repository root:
 
-Every flag not listed under `--help` goes to train.py (and so to the peer); MAIN below holds the
-main measurement's train.py flags, which later ones override. It uses --grad-accum 1 (4 rows a
-step), where the issue's setting is 2: at ~10-15 s per 4-row micro-batch on this 2-core CPU,
-accumulation 2 would take ours ~20 min per seed, before the peer's run and the evaluations.
+    python -m bench.train_cpu                                              # the main measurement
+    python -m bench.train_cpu --no-learn --speed-steps 5 --variants nockpt,torchdrop \
+        --grad-accum 1                                                     # the README's speed table
+    python -m bench.train_cpu --no-learn --speed-steps 8 --threads 1 --clock cpu \
+        --variants nockpt,torchdrop,fullhead --profile 12                  # speed on a busy machine
+    python -m bench.train_cpu --seeds 1 --steps 1 --rows 4 --speed-steps 1 \
+        --batch-size 1 --max-seq-len 128                                   # smoke test, ~1 min
+    python -m bench.train_cpu --seeds 1,2,3 --lr 1e-3                      # any train.py flag
 
---clock cpu with --threads 1 times steps in this process's CPU time. A 2-thread step on a machine
-that other jobs share can take 5-10x its quiet time (an OpenMP thread that loses its core stalls
-the other at every barrier), which no interleaving evens out; one thread's CPU time cannot be
-inflated by other jobs (beyond cache and memory-bandwidth sharing).
+Every flag not listed under `--help` is a train.py flag (engine.trainer.TrainConfig's fields) and
+goes to both sides; MAIN below holds the main measurement's train.py flags, which later ones
+override. It uses --grad-accum 1 (4 rows a step), where the issue's setting is 2: at ~10-15 s per
+4-row micro-batch on this 2-core CPU, accumulation 2 would take ours ~20 min per seed, before the
+peer's run and the evaluations.
+
+--clock cpu with --threads 1 times phase 1 in this process's CPU time. A 2-thread step on a
+machine that other jobs share can take 5-10x its quiet time (an OpenMP thread that loses its core
+stalls the other at every barrier), which no interleaving evens out; one thread's CPU time cannot
+be inflated by other jobs (beyond cache and memory-bandwidth sharing). Phase 2 times both sides
+in wall time (train.py's own clock); --threads reaches train.py as OMP_NUM_THREADS.
 """
 from __future__ import annotations
 
@@ -46,95 +59,75 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-import peer_cpu  # noqa: E402
-import train  # noqa: E402
+import kernels
+from bench import peer_cpu
+from bench.common import REPO, add_clock_args, clock_of, load, step_stats
+from engine.loss import accumulate, count_targets
+from engine.trainer import build_for_training, make_optimizer
+from lora.inject import ALL_PROJECTIONS, lora_state_dict
 
 # The main measurement's settings (train.py flags); later flags on the command line win.
 MAIN = ["--precision", "fp32", "--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
-        "--targets", train.TARGETS, "--lr", "4e-4", "--scheduler", "cosine", "--warmup", "0.03",
+        "--targets", ",".join(ALL_PROJECTIONS), "--lr", "4e-4", "--scheduler", "cosine", "--warmup", "0.03",
         "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "384", "--steps", "30",
         "--loss", "answer", "--val-rows", "200", "--eval-every", "0", "--save-every", "1000000000"]
 
 
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def step_stats(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
-    """(median step s, tokens/s) over the steps after the first (all of them if there is one)."""
-    s, t = (seconds[1:], tokens[1:]) if len(seconds) > 1 else (seconds, tokens)
-    return float(np.median(s)), sum(t) / sum(s)
-
-
 # ----------------------------------------------------------------------------- phase 1: speed
 
-VARIANTS = {"nockpt": "ours nockpt", "kernels": "ours kernels", "fullhead": "peer fullhead",
-            "torchdrop": "ours torch dropout"}
+VARIANTS = {"nockpt": "ours nockpt", "fullhead": "peer fullhead", "torchdrop": "ours torch dropout"}
 
 
-def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile: int = 0) -> list[dict]:
+def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, profile: int = 0) -> list[dict]:
     """Interleaved timing on the first n_steps windows (after one warm-up window), per micro-batch:
     forward + backward of micro-batch j for every run in turn (the order flips each time), then
     each run's clip + AdamW step. A run's step time is the sum of its parts."""
-    args, model_dir, tok, train_ds, _ = peer_cpu.setup(argv)
-    wins = list(peer_cpu.windows(args, train_ds, n_steps + 1))  # +1: a warm-up window
+    cfg, model_dir, _, train_ds, _ = peer_cpu.setup(argv)
+    wins = list(peer_cpu.windows(cfg, train_ds, n_steps + 1))  # +1: a warm-up window
     cpu = torch.device("cpu")
-    ours = train.build(args, model_dir, cpu, "fp32")[0].train()
-    pm = peer_cpu.load_peer(model_dir, args).train()
+    ours = build_for_training(cfg, model_dir, cpu)[0].train()
+    pm = peer_cpu.load_peer(model_dir, cfg).train()
     names = ["ours", "peer"] + [VARIANTS[v] for v in variants]
-    from lora.inject import lora_state_dict
     theirs = dict(pm.named_parameters())  # PEFT's names: ...q_proj.lora_A.default.weight
     init_diff = max((v - theirs["base_model.model." + k.replace(".weight", ".default.weight")]).abs().max().item()
                     for k, v in lora_state_dict(ours).items())
 
-    def kernels_ctx(name):
-        if name == "ours torch dropout":
-            return kernels.backend("torch")  # on CPU: torch's dropout masks
-        if name != "ours kernels":
-            return contextlib.nullcontext()
-        from train_speed import kernels_in_model  # the GPU bench's wiring of kernels/ (CPU: references)
-        return kernels_in_model()
-
-    def micro(name, b, n):
-        with kernels_ctx(name):
+    def micro(name, b, n_targets):
+        with kernels.backend("torch") if name == "ours torch dropout" else contextlib.nullcontext():
             if name.startswith("ours"):
-                ours.grad_checkpointing = args.grad_checkpointing and name != "ours nockpt"
-                loss = train.compute_loss(ours, b, args.loss, cpu)
+                ours.grad_checkpointing = cfg.grad_checkpointing and name != "ours nockpt"
+                accumulate(ours, [b], cfg.loss, cpu, n_targets)  # as train.py, one micro-batch at a time
             else:
-                loss = peer_cpu.peer_loss(pm, b, args.loss, "full" if name == "peer fullhead" else head)
-            (loss / n).backward()
+                (peer_cpu.peer_loss(pm, b, cfg.loss, "full" if name == "peer fullhead" else head) / n_targets).backward()
 
     params = {"ours": [p for p in ours.parameters() if p.requires_grad],
               "peer": [p for p in pm.parameters() if p.requires_grad]}
-    opts = {n: torch.optim.AdamW(params[n.split()[0]], lr=args.lr, weight_decay=args.weight_decay) for n in names}
+    opts = {n: make_optimizer(cfg, params[n.split()[0]]) for n in names}  # train.py's optimizer, both sides
     grads = {n: None for n in names}  # each run's accumulated gradients (variants share A and B)
     times = {n: [] for n in names}
     flip = False
     for i, w in enumerate(wins):
-        n_t = float(sum(int((b["targets"] != -100).sum()) for b in w))
+        n_t = torch.tensor(float(count_targets(w)))
         spent = dict.fromkeys(names, 0.0)
         for j, b in enumerate(w):
             for name in (names[::-1] if flip else names):  # ABBA: load drift hits every run alike
                 ps = params[name.split()[0]]
                 for p, g in zip(ps, grads[name] or [None] * len(ps)):
                     p.grad = g
-                t = peer_cpu.CLOCK()
+                t = clock()
                 micro(name, b, n_t)
                 if j == len(w) - 1:
-                    peer_cpu.opt_step(ps, opts[name], args.clip)
-                spent[name] += peer_cpu.CLOCK() - t
+                    peer_cpu.opt_step(ps, opts[name], cfg.clip)
+                spent[name] += clock() - t
                 grads[name] = [p.grad for p in ps]
             flip = not flip
         for name in names:
@@ -143,7 +136,7 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
             print(f"speed window {i} {name}: {spent[name]:.2f} s (load {load()})", file=sys.stderr, flush=True)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
-        b, n_t = wins[0][0], float(int((wins[0][0]["targets"] != -100).sum()))
+        b, n_t = wins[0][0], torch.tensor(float(count_targets(wins[0][:1])))
         for name in names:
             with prof(activities=[ProfilerActivity.CPU]) as pr:
                 micro(name, b, n_t)
@@ -162,35 +155,31 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], profile
 
 # ----------------------------------------------------------------------------- phase 2: learning
 
-class _Clock:
-    """Stands in for the `time` module inside train.py, so its per-step tokens/s uses CLOCK."""
-
-    def __getattr__(self, name):
-        return peer_cpu.CLOCK if name == "perf_counter" else getattr(time, name)
-
-
-def ours_run(argv: list[str], out: Path, tokens: list[int]) -> dict:
+def ours_run(argv: list[str], out: Path, tokens: list[int], threads: int | None) -> dict:
+    """`python train.py ARGV --out OUT` (KERNELS=torch), then its metrics.jsonl: per-step loss and
+    seconds (the step's real tokens / the tokens_per_s train.py logged), step-0 and final metrics."""
+    env = dict(os.environ, KERNELS="torch")  # on CPU only the dropout changes: PEFT's masks, step by step
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "train.py", *argv, "--out", str(out), "--overwrite"]
     t = time.perf_counter()
-    saved, train.time = train.time, _Clock()
-    try:
-        with kernels.backend("torch"):  # on CPU only the dropout changes: PEFT's masks, so the two runs can be compared step by step
-            rc = train.main(argv + ["--out", str(out)])
-    finally:
-        train.time = saved
+    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stderr).returncode  # our stdout: the table only
     if rc:
-        raise RuntimeError(f"train.py exited with {rc}")
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}")
     wall = time.perf_counter() - t
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval" in r]
-    secs = [n / r["tokens_per_s"] for n, r in zip(tokens, steps)]  # train.py logs tokens/s per step
+    if len(steps) != len(tokens):
+        raise RuntimeError(f"train.py logged {len(steps)} steps, the batches reproduced here are {len(tokens)}")
+    secs = [n / r["tokens_per_s"] for n, r in zip(tokens, steps)]
     return dict(steps=[dict(loss=r["loss"], seconds=s, tokens=n) for r, s, n in zip(steps, secs, tokens)],
                 eval0=evals[0]["eval"], final=evals[-1]["eval"], wall_s=wall)
 
 
 def peer_run(argv: list[str], head: str) -> dict:
     t = time.perf_counter()
-    r = peer_cpu.train_peer(argv, head, log=lambda s: print(s, file=sys.stderr, flush=True))
+    r = peer_cpu.train_peer(argv, head, log=lambda s: print(s, file=sys.stderr, flush=True))  # wall clock, as train.py
     r["wall_s"] = time.perf_counter() - t
     return r
 
@@ -204,17 +193,17 @@ def summarise(side: str, seed: int, r: dict, load_before: str) -> dict:
                 load=f"{load_before} -> {load()}")
 
 
-def learn(argv: list[str], seeds: list[int], head: str, work: Path) -> list[dict]:
+def learn(argv: list[str], seeds: list[int], head: str, work: Path, threads: int | None) -> list[dict]:
     rows = []
     for k, seed in enumerate(seeds):
         a = argv + ["--seed", str(seed)]
-        args, _, _, train_ds, _ = peer_cpu.setup(a)
-        tokens = [sum(int(b["attention_mask"].sum()) for b in w) for w in peer_cpu.windows(args, train_ds)]
+        cfg, _, _, train_ds, _ = peer_cpu.setup(a)
+        tokens = [sum(int(b["attention_mask"].sum()) for b in w) for w in peer_cpu.windows(cfg, train_ds)]
         sides = ["ours", "peer"] if k % 2 == 0 else ["peer", "ours"]
         for side in sides:
             before = load()
             print(f"== seed {seed}: {side} (load {before})", file=sys.stderr, flush=True)
-            r = ours_run(a, work / f"ours-seed{seed}", tokens) if side == "ours" else peer_run(a, head)
+            r = ours_run(a, work / f"ours-seed{seed}", tokens, threads) if side == "ours" else peer_run(a, head)
             if side == "peer" and [s["tokens"] for s in r["steps"]] != tokens:
                 raise RuntimeError("the peer's batches differ from train.py's: the comparison is void")
             rows.append(summarise(side, seed, r, before))
@@ -274,44 +263,39 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, help="validation rows (train.py --val-rows)")
     p.add_argument("--speed-steps", type=int, default=4, help="interleaved timed windows per side (0: skip phase 1)")
     p.add_argument("--variants", default="", help="extra speed rows, comma-separated: nockpt (ours without activation "
-                   "checkpointing), kernels (ours with kernels/ wired in as bench/train_speed.py does; on CPU the "
-                   "PyTorch references: shared dropout masks for q,k,v and gate,up), fullhead (the peer's head at "
-                   "every position), torchdrop (ours with torch's dropout masks, KERNELS=torch)")
+                   "checkpointing), fullhead (the peer's head at every position), torchdrop (ours with torch's "
+                   "dropout masks, KERNELS=torch)")
     p.add_argument("--profile", type=int, default=0, help="after phase 1, print the top N ops of one micro-batch per run")
     p.add_argument("--no-learn", action="store_true", help="phase 1 only")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",
                    help="peer's answer loss: head at the cue only (same work as ours) or at every position")
     p.add_argument("--work", help="folder for our runs' outputs (default: a temporary folder)")
     p.add_argument("--json", help="also write the rows as JSON here")
-    p.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's, = cores); on a "
-                   "shared machine 1 keeps timings steadier (a descheduled OpenMP thread stalls the other)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="step times in wall time, or in this process's CPU time (use with --threads 1 on a "
-                        "shared machine: then other jobs cannot inflate it)")
+    add_clock_args(p)
     mine, rest = p.parse_known_args(argv)
-    if mine.threads:
-        torch.set_num_threads(mine.threads)
-    if mine.clock == "cpu":
-        peer_cpu.CLOCK = time.process_time
+    clock = clock_of(mine)
     argv_t = MAIN + rest + (["--val-rows", str(mine.rows)] if mine.rows else [])
     seeds = [int(s) for s in mine.seeds.split(",") if s.strip()]
     variants = [v.strip() for v in mine.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     print(f"train.py flags: {' '.join(argv_t)}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load {load()}", file=sys.stderr, flush=True)
 
-    speed_rows = speed(argv_t + ["--seed", str(seeds[0])], mine.speed_steps, mine.peer_head, variants,
-                       mine.profile) \
-        if mine.speed_steps > 0 else []
+    speed_rows = speed(argv_t + ["--seed", str(seeds[0])], mine.speed_steps, mine.peer_head, variants, clock,
+                       mine.profile) if mine.speed_steps > 0 else []
     learn_rows = []
     if not mine.no_learn:
         with tempfile.TemporaryDirectory(prefix="train_cpu-") as tmp:
-            learn_rows = learn(argv_t, seeds, mine.peer_head, Path(mine.work or tmp))
+            learn_rows = learn(argv_t, seeds, mine.peer_head, Path(mine.work or tmp), mine.threads)
     if mine.json:
         Path(mine.json).write_text(json.dumps({"flags": argv_t, "speed": speed_rows, "learn": learn_rows}, indent=1))
-    import transformers
     import peft
+    import transformers
     print(f"\ntrain.py flags: {' '.join(argv_t)}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}, {torch.get_num_threads()} threads, clock {mine.clock}, peer head: {mine.peer_head}\n")
+          f"peft {peft.__version__}, {torch.get_num_threads()} threads, clock {mine.clock} (phase 1; phase 2: wall), "
+          f"peer head: {mine.peer_head}\n")
     print(table(speed_rows, learn_rows))
     return 0
 
