@@ -33,9 +33,9 @@ from engine.checkpoint import (RunLock, checkpoint_problem, find_checkpoint, loa
                                save_checkpoint, saved_args, saved_meta)
 from engine.build import load_tokenizer
 from engine.cli import UserError, run_cli
-from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, build_for_training, estimate_peak_gib,
-                            evaluate, flag, get_lr, load_data, make_optimizer, plot, run_record,
-                            setup_distributed, truncated_share)
+from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, build_for_training,
+                            decide_checkpointing, estimate_peak_gib, evaluate, flag, get_lr, load_data,
+                            make_optimizer, plot, run_record, setup_distributed, truncated_share)
 from lora.io import save_adapter
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
@@ -78,8 +78,12 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--optim", choices=["adamw", "adamw8bit"], default=d.optim, help="optimizer")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on A and B")
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=d.grad_checkpointing,
-                   help="recompute each block's activations in backward (less memory, ~30%% more compute)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="on", choices=["auto", "on", "off"],
+                   default=d.grad_checkpointing,
+                   help="recompute each block's activations in backward: less memory, ~30%% more compute "
+                        "(auto: on unless the step fits comfortably in free memory without it)")
+    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="off",
+                   help="the same as --grad-checkpointing off")
     p.add_argument("--seed", type=int, default=d.seed, help="data order, split, adapter init and dropout")
     # evaluation and checkpoints
     p.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -167,6 +171,7 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
     train_ds, val_ds, stats = load_data(cfg, tok)
     sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     model, summary = build_for_training(cfg, model_dir, device)
+    model.grad_checkpointing, ckpt_why = decide_checkpointing(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -182,7 +187,8 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
               f"longer than {cfg.max_seq_len} tokens and cut), {len(val_ds)} validation rows"
               f" | batch {cfg.batch_size} x accum {cfg.grad_accum} x {world} rank(s) = "
               f"{cfg.batch_size * cfg.grad_accum * world} rows per step | {cfg.steps} steps, loss={cfg.loss} | "
-              f"estimated peak memory {estimate_peak_gib(model, cfg, 4 if cfg.precision == 'fp32' else 2):.1f} GiB",
+              f"estimated peak memory {estimate_peak_gib(model, cfg, model.grad_checkpointing):.1f} GiB | "
+              f"gradient checkpointing {'on' if model.grad_checkpointing else 'off'} ({ckpt_why})",
               file=sys.stderr)
     return Run(model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log, record)
 

@@ -59,6 +59,10 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def enable_checkpointing(hf) -> None:
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_peer(model_dir: Path, args: TrainConfig):
     """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say, initialised from torch.manual_seed(args.seed)."""
     from peft import LoraConfig, get_peft_model
@@ -66,8 +70,8 @@ def load_peer(model_dir: Path, args: TrainConfig):
 
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     hf.config.use_cache = False
-    if args.grad_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.grad_checkpointing != "off":  # as a transformers + PEFT user runs the QLoRA recipe
+        enable_checkpointing(hf)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
                      target_modules=targets, bias="none", task_type="CAUSAL_LM")

@@ -11,8 +11,11 @@ a few seeds. Two phases:
    once, then for each micro-batch every run does its forward + backward in turn, the order
    flipping each time (ours, peer, peer, ours, ...), so that machine load hits all runs alike;
    each run's clip + AdamW closes its window. Reported: median step time, tokens/s, and the
-   median over windows of (this run's time / ours). `--variants` adds runs: `nockpt` (ours
-   without activation checkpointing), `fullhead` (the peer computing logits at every position,
+   median over windows of (this run's time / ours). "ours" is train.py's default configuration
+   (an int8 base; activation checkpointing as `--grad-checkpointing auto` decides), "peer" is
+   transformers + PEFT on the fp32 model with gradient checkpointing, as the QLoRA recipe runs
+   it. `--variants` adds runs: `nockpt` / `ckpt` (ours with checkpointing off / on),
+   `peernockpt` (the peer without checkpointing), `fullhead` (the peer computing logits at every position,
    then gathering, as a plain transformers loop would), `torchdrop` (ours under
    kernels.backend("torch"): torch's dropout masks instead of lora/lora.py's dropout_bits; on
    the CPU that is all the switch changes).
@@ -72,11 +75,11 @@ import kernels
 from bench import peer_cpu
 from bench.common import REPO, add_clock_args, clock_of, load, step_stats
 from engine.loss import accumulate, count_targets
-from engine.trainer import build_for_training, make_optimizer
+from engine.trainer import build_for_training, decide_checkpointing, make_optimizer
 from lora.inject import ALL_PROJECTIONS, lora_state_dict
 
 # The main measurement's settings (train.py flags); later flags on the command line win.
-MAIN = ["--precision", "fp32", "--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
+MAIN = ["--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
         "--targets", ",".join(ALL_PROJECTIONS), "--lr", "4e-4", "--scheduler", "cosine", "--warmup", "0.03",
         "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "384", "--steps", "30",
         "--loss", "answer", "--val-rows", "200", "--eval-every", "0", "--save-every", "1000000000"]
@@ -84,7 +87,8 @@ MAIN = ["--precision", "fp32", "--device", "cpu", "--r", "32", "--alpha", "64", 
 
 # ----------------------------------------------------------------------------- phase 1: speed
 
-VARIANTS = {"nockpt": "ours nockpt", "fullhead": "peer fullhead", "torchdrop": "ours torch dropout"}
+VARIANTS = {"nockpt": "ours nockpt", "ckpt": "ours ckpt", "peernockpt": "peer nockpt", "fullhead": "peer fullhead",
+            "torchdrop": "ours torch dropout"}
 
 
 def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, profile: int = 0) -> list[dict]:
@@ -101,13 +105,21 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, 
     init_diff = max((v - theirs["base_model.model." + k.replace(".weight", ".default.weight")]).abs().max().item()
                     for k, v in lora_state_dict(ours).items())
 
+    ckpt, why = decide_checkpointing(ours, cfg, cpu)  # "ours" is train.py's default: as decided
+    print(f"ours: gradient checkpointing {'on' if ckpt else 'off'} ({why}); peer: on (the QLoRA recipe)",
+          file=sys.stderr)
+
     def micro(name, b, n_targets):
         with kernels.backend("torch") if name == "ours torch dropout" else contextlib.nullcontext():
             if name.startswith("ours"):
-                ours.grad_checkpointing = cfg.grad_checkpointing and name != "ours nockpt"
+                ours.grad_checkpointing = {"ours nockpt": False, "ours ckpt": True}.get(name, ckpt)
                 accumulate(ours, [b], cfg.loss, cpu, n_targets)  # as train.py, one micro-batch at a time
             else:
+                if name == "peer nockpt":
+                    pm.base_model.model.gradient_checkpointing_disable()
                 (peer_cpu.peer_loss(pm, b, cfg.loss, "full" if name == "peer fullhead" else head) / n_targets).backward()
+                if name == "peer nockpt":
+                    peer_cpu.enable_checkpointing(pm.base_model.model)
 
     params = {"ours": [p for p in ours.parameters() if p.requires_grad],
               "peer": [p for p in pm.parameters() if p.requires_grad]}

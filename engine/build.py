@@ -12,7 +12,7 @@ from lora.inject import lora_modules
 from lora.io import load_adapter, read_run
 from model.config import LlamaConfig
 from model.load import load_model
-from model.precision import compute_dtype
+from model.precision import compute_dtype, storage_dtype
 from model.tokenizer import Tokenizer
 
 
@@ -52,7 +52,8 @@ def build_model(model_dir, precision: str, device: torch.device, adapter=None, m
     bases only: there the sum is exact to float rounding; a bf16 weight would round most of a
     small update away, and an int8 or nf4 weight cannot take it without re-quantizing).
     """
-    model = load_model(model_dir, precision=precision, device=device, dtype=compute_dtype(precision, device))
+    model = load_model(model_dir, precision=precision, device=device, dtype=storage_dtype(precision),
+                       compute_dtype=compute_dtype(precision, device))
     if adapter:
         load_adapter(model, adapter)
     if merge and adapter:

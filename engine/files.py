@@ -22,13 +22,21 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename over `path`."""
+    """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename over `path`.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # (after: a writer may have made the file anew)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

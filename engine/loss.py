@@ -99,7 +99,7 @@ def compute_loss(model, batch: dict, loss_mode: str, device) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets.gather(1, batch["cue_pos"].to(device)[:, None])[:, 0],
                                reduction="sum")
     h = model.hidden(ids, mask)  # (B, T, D)
-    total, _ = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_weight, targets.reshape(-1))
+    total, _ = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.head_weight(), targets.reshape(-1))
     return total
 
 

@@ -72,7 +72,7 @@ class TrainConfig:
     optim: str = "adamw"  # adamw | adamw8bit
     weight_decay: float = 0.0
     clip: float = 1.0  # 0: off
-    grad_checkpointing: bool = True
+    grad_checkpointing: str = "auto"  # auto | on | off: recompute each block's activations in backward
     seed: int = 42
     # evaluation and checkpoints
     eval_every: int = 50
@@ -97,6 +97,10 @@ class TrainConfig:
             raise UserError(f"--val-rows must be at least 1, got {self.val_rows}")
         if not 0 < self.val_fraction < 1:
             raise UserError("--val-fraction must be in (0, 1)")
+        if isinstance(self.grad_checkpointing, bool):  # an older run's args.json: True / False
+            self.grad_checkpointing = "on" if self.grad_checkpointing else "off"
+        if self.grad_checkpointing not in ("auto", "on", "off"):
+            raise UserError(f"--grad-checkpointing {self.grad_checkpointing}: use auto, on or off")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
 
@@ -198,7 +202,6 @@ def build_for_training(cfg: TrainConfig, model_dir: Path, device: torch.device):
         raise UserError(f"--targets {cfg.targets}: {e}") from None
     mark_only_lora_trainable(model)
     model.to(device)
-    model.grad_checkpointing = cfg.grad_checkpointing
     return model, param_summary(model)
 
 
@@ -209,19 +212,50 @@ def make_optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def estimate_peak_gib(model, cfg: TrainConfig, act_bytes: int) -> float:
-    """A rough device-memory estimate: weights + adapter training state + activations."""
-    mc = model.cfg
+def estimate_peak_gib(model, cfg: TrainConfig, checkpointing: bool) -> float:
+    """A deliberately generous estimate of a training step's peak device memory, in GiB: weights
+    + adapter training state + activations kept for backward + the head's logits.
+
+    Activations per token and layer: the inputs of every GEMM and elementwise op of a block
+    (about 14 x hidden + 5 x intermediate values in the compute dtype) plus the LoRA adapters'
+    fp32 copies of their inputs (about 6 x hidden + intermediate). With checkpointing only each
+    block's input is kept, plus one block's worth during its recompute.
+    """
+    mc, act = model.cfg, (model.compute_dtype or model.output_weight.dtype).itemsize
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adam = lora * (4 + 4 + (2 if cfg.optim == "adamw8bit" else 8))  # grad + two moments
     tokens = cfg.batch_size * cfg.max_seq_len
-    per_layer_full = tokens * (6 * mc.hidden_size + 3 * mc.intermediate_size) * act_bytes
-    layers = mc.num_hidden_layers
-    acts = (layers * tokens * mc.hidden_size * act_bytes + per_layer_full if cfg.grad_checkpointing
-            else layers * per_layer_full)
+    h, i, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    per_layer = tokens * ((14 * h + 5 * i) * act + (6 * h + i) * 4)
+    acts = layers * tokens * h * act + per_layer if checkpointing else layers * per_layer
     head = (cfg.batch_size if cfg.loss == "answer" else 1024) * mc.vocab_size * 4 * 2
     return (weights + adam + acts + head) / 2**30
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a run could still take: free CUDA memory, or the kernel's MemAvailable on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+CHECKPOINT_MARGIN = 0.5  # auto: off only when the extra memory without it is at most half of what is free
+
+
+def decide_checkpointing(model, cfg: TrainConfig, device: torch.device) -> tuple[bool, str]:
+    """(checkpointing on?, why) for --grad-checkpointing auto|on|off. auto: off when the generous
+    estimate of what a step needs beyond the loaded weights, without checkpointing, is at most
+    CHECKPOINT_MARGIN of the free memory; on otherwise (an out-of-memory at step 1 costs more
+    than a slower step)."""
+    if cfg.grad_checkpointing != "auto":
+        return cfg.grad_checkpointing == "on", f"--grad-checkpointing {cfg.grad_checkpointing}"
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    need = estimate_peak_gib(model, cfg, checkpointing=False) - weights / 2**30
+    free = free_memory_bytes(device) / 2**30
+    on = need > CHECKPOINT_MARGIN * free
+    return on, f"auto: a step needs ~{need:.1f} GiB without it, {free:.1f} GiB free"
 
 
 def truncated_share(ds: RowDataset, n: int = 200) -> float:
@@ -289,23 +323,29 @@ class MetricsLog:
 
 
 def plot(out: Path, records: list[dict]) -> None:
-    """loss.png: training loss and validation accuracy over the steps."""
+    """loss.png: training loss (left axis) and validation accuracy and ROC-AUC (right axis) over
+    the steps, with the legend below the plot, clear of the curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    ev = [(r["step"], r["eval"]["accuracy"]) for r in records if "eval" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ev = [r for r in records if "eval" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     if tr:
-        ax.plot(*zip(*tr), label="train loss", color="tab:blue")
+        ax.plot(*zip(*tr), label="train loss", color="tab:blue", linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     if ev:
-        ax2.plot(*zip(*ev), "o-", label="val accuracy", color="tab:orange")
-    ax2.set_ylabel("validation accuracy")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
+        steps = [r["step"] for r in ev]
+        ax2.plot(steps, [r["eval"]["accuracy"] for r in ev], "o-", label="val accuracy", color="tab:orange")
+        auc = [(s, r["eval"]["auc"]) for s, r in zip(steps, ev) if r["eval"]["auc"] is not None]
+        if auc:
+            ax2.plot(*zip(*auc), "s--", label="val ROC-AUC", color="tab:green")
+    ax2.set_ylabel("validation accuracy, ROC-AUC")
+    ax2.set_ylim(0, 1)
+    fig.legend(loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend under the axes
     fig.savefig(out / "loss.png.tmp.png", dpi=100)
     plt.close(fig)
     os.replace(out / "loss.png.tmp.png", out / "loss.png")

@@ -193,7 +193,7 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lora.merge", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python merge.py", description=__doc__.split("\n\n")[0])
     # ---- inputs ----
     ap.add_argument("--model", required=True, help="base model HF folder (config.json + *.safetensors)")
     ap.add_argument("--adapter", required=True, help="adapter folder or its adapter_model.safetensors")

@@ -165,6 +165,9 @@ class Llama(nn.Module):
         # Tied models (Llama 3.2, SmolLM2) reuse the embedding matrix as the output head.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # per-block activation checkpointing, set by the trainer
+        # Activations' dtype when it differs from the stored embeddings and head (model/load.py:
+        # an 8-bit base keeps them in bf16 and, on CPU, computes in fp32). None: the stored dtype.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -174,6 +177,8 @@ class Llama(nn.Module):
         """Final-normed hidden states (B, T, D)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         if attention_mask is None or bool(attention_mask.all()):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
             mask = None  # plain causal: lets SDPA pick its fastest kernel
@@ -194,8 +199,13 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.output_weight
+        w = self.head_weight()
         return F.linear(h.to(w.dtype), w)
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head (V, D) in the compute dtype (a bf16-stored head is upcast on CPU)."""
+        w = self.output_weight
+        return w if self.compute_dtype is None else w.to(self.compute_dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from engine.cli import UserError
 from model.config import LlamaConfig
 from model.llama import PROJECTIONS, Llama
-from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear
+from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear, storage_dtype
 
 
 class LoadError(UserError, ValueError):
@@ -85,7 +85,7 @@ def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | Non
 
 
 def load_model(path: str | Path, precision: str = "int8", device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Llama:
+               dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None) -> Llama:
     """Load an HF Llama folder, frozen (requires_grad False) and in eval mode.
 
     Args:
@@ -93,8 +93,9 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
         precision: storage of the seven block projections: int8 | nf4 | bf16 | fp16 | fp32.
         device: where the model lives; quantization runs there, one tensor at a time.
         dtype: int8 / nf4 only: compute dtype, in which embeddings, norms and lm_head are
-            stored (default bf16; float precisions use their own dtype throughout). The CLIs
-            pass model.precision.compute_dtype(precision, device).
+            stored (default bf16; float precisions use their own dtype throughout).
+        compute_dtype: the activations' dtype, when it differs from `dtype` (int8 on CPU: bf16
+            storage, fp32 compute; model.precision.compute_dtype gives the CLIs' choice).
     """
     if precision not in PRECISIONS:
         raise LoadError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -108,7 +109,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
     if precision in FLOAT_DTYPES and dtype not in (None, FLOAT_DTYPES[precision]):
         raise LoadError(f"dtype {dtype} conflicts with precision {precision!r}: a float precision "
                         f"computes in its own dtype (dtype applies to int8 / nf4)")
-    dtype = dtype or FLOAT_DTYPES.get(precision, torch.bfloat16)
+    dtype = dtype or storage_dtype(precision)
     cfg = LlamaConfig.from_hf_config(path)
     files, weight_map, index = checkpoint_files(path)
 
@@ -149,6 +150,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
     if left:  # cannot happen after _check_keys; guards against a model change slipping through
         raise LoadError(f"{path}: {left[0]} was never loaded (still on the meta device)")
     model.requires_grad_(False)
+    model.compute_dtype = None if compute_dtype in (None, dtype) else compute_dtype
     return model.eval()
 
 

@@ -11,14 +11,21 @@ FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def default_precision(device: torch.device) -> str:
-    """int8 on CUDA (memory is the point); fp32 on CPU, where it is exact and the fastest matmul
-    most CPUs have (no bf16 units), and the default model is small."""
-    return "int8" if device.type == "cuda" else "fp32"
+    """The 8-bit base, on every device: it is the point on a GPU (memory), and on a CPU it costs
+    no measurable speed against fp32 (the README's benchmarks)."""
+    return "int8"
+
+
+def storage_dtype(precision: str) -> torch.dtype:
+    """The dtype embeddings, norms and the head are stored in: a float precision's own; bf16 beside
+    int8 / nf4 projections."""
+    return FLOAT_DTYPES.get(precision, torch.bfloat16)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of activations (and of embeddings, norms and head) for a base at `precision`:
-    a float precision's own dtype; for int8 / nf4 bf16 on CUDA and fp32 on CPU."""
+    """The dtype of activations for a base at `precision`: a float precision's own; for int8 /
+    nf4 bf16 on CUDA, and fp32 on CPU (most CPUs have no fast bf16 matmul), where the bf16-stored
+    embeddings and head are upcast as they are used."""
     if precision in FLOAT_DTYPES:
         return FLOAT_DTYPES[precision]
     return torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -136,7 +136,7 @@ def test_full_loss_end_to_end(work, tmp_path):
     cross-entropy over EVERY next token of the first batch (B = 0 at init, so the adapter adds
     nothing yet), not the label alone; the final adapter moved off its initialisation."""
     out = tmp_path / "full"
-    assert train.main(train_args(work, out, "--loss", "full", "--steps", "3", *FAST)) == 0
+    assert train.main(train_args(work, out, "--loss", "full", "--steps", "3", "--precision", "fp32", *FAST)) == 0
     got = losses(out)
     assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
     assert json.loads((out / "summary.json").read_text())["final_loss"] == got[3]

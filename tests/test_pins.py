@@ -106,7 +106,7 @@ def run(tmp_path_factory):
         if module is not None:
             mp.setattr(module, SCORE_AT[1], capture)
         assert train.main(train_args(root, root / "run", "--steps", "4", "--batch-size", "2", "--grad-accum", "1",
-                                     "--lr", "3e-3", "--eval-batch-size", str(EVAL_BATCH))) == 0
+                                     "--lr", "3e-3", "--eval-batch-size", str(EVAL_BATCH), "--precision", "fp32")) == 0
     return root, calls, problem
 
 

@@ -179,7 +179,7 @@ def test_the_adapter_file_carries_its_run(trained):
     from lora.io import read_adapter_config, read_run
     f = trained / "run" / "adapter_model.safetensors"
     run = read_run(f)
-    assert run["max_seq_len"] == 128 and run["precision"] == "fp32"
+    assert run["max_seq_len"] == 128 and run["precision"] == "int8"  # the default
     assert run["prompt"] == (trained / "prompt.txt").read_text() and Path(run["model_dir"]).is_absolute()
     assert read_adapter_config(f)["r"] == 4
     for sub in ("best", "checkpoint"):
