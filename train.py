@@ -13,7 +13,6 @@ losses; engine/checkpoint.py).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -33,67 +32,17 @@ from engine.checkpoint import (RunLock, checkpoint_problem, find_checkpoint, loa
                                save_checkpoint, saved_args, saved_meta)
 from engine.build import load_tokenizer
 from engine.cli import UserError, run_cli
-from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, build_for_training,
+from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, argument_parser, build_for_training,
                             decide_checkpointing, estimate_peak_gib, evaluate, flag, get_lr, load_data,
                             make_optimizer, plot, run_record, setup_distributed, truncated_share)
 from lora.io import save_adapter
 from model.default import default_model_dir
-from model.precision import PRECISIONS, default_precision
+from model.precision import default_precision
 
 
 def parse_args(argv=None) -> TrainConfig:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # model and data
-    p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", help="where the default model is converted and kept")
-    p.add_argument("--data", help="training rows: CSV / Parquet / JSONL (default: data/gsm8k_train.csv)")
-    p.add_argument("--val-file", help="validation rows (default: data/gsm8k_val.csv with the default data, "
-                                      "else a split of --data by question)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of questions held out when there is no --val-file")
-    p.add_argument("--val-rows", type=int, help="evaluate on at most this many validation rows (a seeded sample)")
-    p.add_argument("--out", default=d.out, help="output folder: adapters, checkpoint, metrics, plots")
-    p.add_argument("--prompt-file", help="prompt template with {question} {answer} {solution} (default: built-in)")
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="token limit per row; the solution's middle is cut")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
-    # LoRA
-    p.add_argument("--r", type=int, default=d.r, help="adapter rank")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale numerator: s = alpha / r (> 0)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
-    p.add_argument("--rslora", action="store_true", help="rank-stabilised scale s = alpha / sqrt(r)")
-    p.add_argument("--targets", default=d.targets, help="comma-separated projections to adapt")
-    # precision and device
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="base weights (default: int8 on CUDA; fp32 on CPU, where it is exact and fastest)")
-    p.add_argument("--device", default=d.device, help="cuda, cpu or auto")
-    # optimisation
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (> 0)")
-    p.add_argument("--scheduler", choices=["cosine", "linear", "constant"], default=d.scheduler, help="decay after warmup")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="warmup steps (>= 1) or fraction of --steps (< 1)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (per rank)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--loss", choices=["answer", "full"], default=d.loss,
-                   help="answer: the label token only; full: every prompt token and the label")
-    p.add_argument("--optim", choices=["adamw", "adamw8bit"], default=d.optim, help="optimizer")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on A and B")
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
-    p.add_argument("--grad-checkpointing", nargs="?", const="on", choices=["auto", "on", "off"],
-                   default=d.grad_checkpointing,
-                   help="recompute each block's activations in backward: less memory, ~30%% more compute "
-                        "(auto: on unless the step fits comfortably in free memory without it)")
-    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="off",
-                   help="the same as --grad-checkpointing off")
-    p.add_argument("--seed", type=int, default=d.seed, help="data order, split, adapter init and dropout")
-    # evaluation and checkpoints
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="evaluate every N steps (and at 0 and the end; 0: only those)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="rows per forward pass when evaluating")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", nargs="?", const="", default=None,
-                   help="continue from OUT/checkpoint (or the given checkpoint folder)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    """The command line (engine/trainer.py: argument_parser, `--help` for every flag) as a config."""
+    return TrainConfig(**vars(argument_parser(__doc__.split("\n")[0]).parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- the run's phases
@@ -200,6 +149,7 @@ def finish(cfg: TrainConfig, run: Run, out: Path, model_dir: Path, best: tuple[f
     summary = {"steps": run.step, "final": evals[-1]["eval"] if evals else None,
                "step0": evals[0]["eval"] if evals and evals[0]["step"] == 0 else None,
                "best_step": best[1], "best_accuracy": best[0],
+               "final_threshold": evals[-1].get("threshold") if evals else None,
                "final_loss": next((r["loss"] for r in reversed(run.log.records) if "loss" in r), None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     run.log.close()
@@ -264,7 +214,8 @@ def loop(cfg: TrainConfig, run: Run, rank: int, world: int, device, model_dir: P
                key=lambda b: b[0], default=(-1.0, None))  # the first of equals: as `>` picks
     def eval_and_keep_best(step):
         nonlocal best
-        m = evaluate(model, run.val_ds, cfg, device, run.label_ids, step, log)
+        m, th = evaluate(model, run.val_ds, cfg, device, run.label_ids, step, log)
+        run.record.update(threshold=th["threshold"], threshold_rows=th["rows"])  # carried by the adapters saved next
         if m["accuracy"] > best[0]:
             best = (m["accuracy"], step)
             save_adapter(model, out / "best", base_model_name_or_path=str(model_dir), run=run.record)  # step 0: the base

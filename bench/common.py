@@ -10,14 +10,12 @@ or the KERNELS environment variable.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.trainer import TrainConfig, flag
+from engine.trainer import TrainConfig, config_from_argv, flag
 from model.config import LlamaConfig
 from model.llama import PROJECTIONS, Llama
 from model.precision import compute_dtype
@@ -100,27 +98,9 @@ def clock_of(args):
 
 # ----------------------------------------------------------------------------- train.py's flags
 
-def train_flags_parser(**kw) -> argparse.ArgumentParser:
-    """train.py's flags by the same names, with engine.trainer.TrainConfig's field defaults: one
-    flag per field (train.py builds its config as TrainConfig(**vars(namespace))), so a field
-    added there is a flag here too. Looser than train.py's parser: no `choices` (TrainConfig
-    checks precision and the numbers), a yes/no field also takes --no-NAME, --resume needs a
-    value."""
-    p = argparse.ArgumentParser(**kw)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        if kind is bool:
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
-            p.add_argument(flag(f.name), type=kind, default=f.default, metavar=f.name.upper())
-    return p
-
-
 def train_config(argv: list[str]) -> TrainConfig:
-    """A TrainConfig from train.py flags, as train.py would build it (unknown flags are errors)."""
-    return TrainConfig(**vars(train_flags_parser(prog="train.py flags").parse_args(argv)))
+    """A TrainConfig from train.py flags, exactly as train.py builds it (engine.trainer's parser)."""
+    return config_from_argv(argv)
 
 
 def model_dir_of(cfg: TrainConfig) -> Path:

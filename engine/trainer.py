@@ -4,6 +4,7 @@ data-parallel helpers.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -23,7 +24,7 @@ from data.read import read_table, split_by_question
 from engine.build import build_model, resolve_device
 from engine.checkpoint import fingerprint
 from engine.cli import UserError
-from engine.score import format_metrics, metrics, score
+from engine.score import MIN_TUNE_ROWS, best_threshold, format_metrics, metrics, score
 from lora.inject import ALL_PROJECTIONS, apply_lora, mark_only_lora_trainable, param_summary
 from model.precision import PRECISIONS
 
@@ -110,6 +111,68 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def argument_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, one per TrainConfig field and by its name, with its default and a help
+    each: `TrainConfig(**vars(argument_parser().parse_args(argv)))` is the run's config."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=description)
+    # model and data
+    p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", help="where the default model is converted and kept")
+    p.add_argument("--data", help="training rows: CSV / Parquet / JSONL (default: data/gsm8k_train.csv)")
+    p.add_argument("--val-file", help="validation rows (default: data/gsm8k_val.csv with the default data, "
+                                      "else a split of --data by question)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of questions held out when there is no --val-file")
+    p.add_argument("--val-rows", type=int, help="evaluate on at most this many validation rows (a seeded sample)")
+    p.add_argument("--out", default=d.out, help="output folder: adapters, checkpoint, metrics, plots")
+    p.add_argument("--prompt-file", help="prompt template with {question} {answer} {solution} (default: built-in)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="token limit per row; the solution's middle is cut")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
+    # LoRA
+    p.add_argument("--r", type=int, default=d.r, help="adapter rank")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale numerator: s = alpha / r (> 0)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilised scale s = alpha / sqrt(r)")
+    p.add_argument("--targets", default=d.targets, help="comma-separated projections to adapt")
+    # precision and device
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="base weights (default: int8 on CUDA; fp32 on CPU, where it is exact and fastest)")
+    p.add_argument("--device", default=d.device, help="cuda, cpu or auto")
+    # optimisation
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (> 0)")
+    p.add_argument("--scheduler", choices=["cosine", "linear", "constant"], default=d.scheduler, help="decay after warmup")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="warmup steps (>= 1) or fraction of --steps (< 1)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (per rank)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--loss", choices=["answer", "full"], default=d.loss,
+                   help="answer: the label token only; full: every prompt token and the label")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit"], default=d.optim, help="optimizer")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on A and B")
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="on", choices=["auto", "on", "off"],
+                   default=d.grad_checkpointing,
+                   help="recompute each block's activations in backward: less memory, ~30%% more compute "
+                        "(auto: on unless the step fits comfortably in free memory without it)")
+    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_const", const="off",
+                   help="the same as --grad-checkpointing off")
+    p.add_argument("--seed", type=int, default=d.seed, help="data order, split, adapter init and dropout")
+    # evaluation and checkpoints
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate every N steps (and at 0 and the end; 0: only those)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="rows per forward pass when evaluating")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="continue from OUT/checkpoint (or the given checkpoint folder)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run")
+    return p
+
+
+def config_from_argv(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig train.py builds from these flags."""
+    return TrainConfig(**vars(argument_parser().parse_args(argv)))
 
 
 # Settings that must match for --resume to continue the same run exactly.
@@ -266,13 +329,21 @@ def truncated_share(ds: RowDataset, n: int = 200) -> float:
 
 # ----------------------------------------------------------------------------- during the run
 
-def evaluate(model, val_ds: RowDataset, cfg: TrainConfig, device, label_ids, step: int, log) -> dict:
-    """Validation metrics at `step`, logged and printed."""
+def evaluate(model, val_ds: RowDataset, cfg: TrainConfig, device, label_ids, step: int, log) -> tuple[dict, dict]:
+    """Validation metrics at `step` (at the 0.5 cut) and the tuned decision threshold, logged and
+    printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
+    "accuracy_at_threshold", "best_cut"}."""
     p = score(model, val_ds, cfg.eval_batch_size, device, label_ids)
-    m = metrics(val_ds.df["is_correct"].to_numpy(), p)
-    log({"step": step, "eval": m})
-    tqdm.write(f"step {step:>5} validation: {format_metrics(m)}", file=sys.stderr)
-    return m
+    y = val_ds.df["is_correct"].to_numpy()
+    m = metrics(y, p)
+    cut, acc = best_threshold(y, p)
+    th = {"threshold": cut if len(y) >= MIN_TUNE_ROWS else None, "rows": len(y), "best_cut": cut,
+          "accuracy_at_threshold": acc}
+    log({"step": step, "eval": m, "threshold": th})
+    note = "" if th["threshold"] is not None else f", not used: fewer than {MIN_TUNE_ROWS} rows"
+    tqdm.write(f"step {step:>5} validation: {format_metrics(m)}\n"
+               f"           tuned threshold {cut:.4f}: acc={acc:.4f} on these {len(y)} rows{note}", file=sys.stderr)
+    return m, th
 
 
 def all_reduce_grads(params: list, loss_sum: float, device) -> float:

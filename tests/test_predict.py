@@ -283,3 +283,46 @@ def test_ensembles_average_probabilities_and_load_the_base_once(trained, tmp_pat
     np.testing.assert_allclose(p_true(trained / "run", trained / "run"), a, atol=1e-6)  # one adapter twice = it
     np.testing.assert_allclose(p_true(trained / "run", second), (a + b) / 2, atol=1e-6)
     assert np.abs(a - b).max() > 1e-3  # two different adapters, so the mean is a real check
+
+
+def test_best_threshold_finds_the_known_cut_and_prefers_the_one_nearest_half():
+    from engine.score import best_threshold
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8])
+    t, acc = best_threshold(y, p)  # cutting between 0.4 and 0.6 misses only row 3: 7/8
+    assert acc == 7 / 8 and 0.4 < t < 0.6 and t == 0.5  # 0.5 itself is among the best cuts
+    t, acc = best_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.9]))  # best: 0.2 < t < 0.3
+    assert acc == 1.0 and t == pytest.approx(0.25)
+    # Two equally good cuts (0.15 and 0.75): the one nearer 0.5 wins.
+    t, acc = best_threshold(np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.7, 0.8]))
+    assert acc == 0.75 and t == pytest.approx(0.75)
+
+
+def test_predict_uses_the_adapters_tuned_threshold_unless_told(trained, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    src = trained / "run" / "adapter_model.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    run_meta = json.loads(meta["run"])
+    lone = tmp_path / "tuned.safetensors"
+    save_file(tensors, str(lone), metadata={**meta, "run": json.dumps({**run_meta, "threshold": 0.999,
+                                                                         "threshold_rows": 500})})
+    assert run(trained, "--adapter", str(lone), "--data", str(trained / "val.csv"), "--out", str(tmp_path / "a.csv"),
+               "--probs") == 0
+    assert "True when p_true > 0.999 (tuned on 500 validation rows)" in capsys.readouterr().err
+    a = pd.read_csv(tmp_path / "a.csv", dtype={"is_correct": str})
+    assert ((a["p_true"] > 0.999) == (a["is_correct"] == "True")).all()
+    assert run(trained, "--adapter", str(lone), "--data", str(trained / "val.csv"), "--out", str(tmp_path / "b.csv"),
+               "--probs", "--threshold", "0.5") == 0
+    b = pd.read_csv(tmp_path / "b.csv", dtype={"is_correct": str})
+    assert ((b["p_true"] > 0.5) == (b["is_correct"] == "True")).all()
+    assert (a["is_correct"] != b["is_correct"]).any()
+
+
+def test_training_reports_and_records_the_threshold(trained):
+    recs = [json.loads(l) for l in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
+    th = [r["threshold"] for r in recs if "eval" in r]
+    assert th and all(t["rows"] == 40 and t["threshold"] is None for t in th)  # 40 < MIN_TUNE_ROWS: not used
+    from lora.io import read_run
+    assert read_run(trained / "run")["threshold"] is None and read_run(trained / "run")["threshold_rows"] == 40
