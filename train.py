@@ -34,7 +34,7 @@ from engine.build import load_tokenizer
 from engine.cli import UserError, run_cli
 from engine.trainer import (RESUME_KEYS, MetricsLog, TrainConfig, all_reduce_grads, argument_parser, build_for_training,
                             decide_checkpointing, estimate_peak_gib, evaluate, flag, get_lr, load_data,
-                            make_optimizer, plot, run_record, setup_distributed, truncated_share)
+                            StopSignal, make_optimizer, plot, run_record, setup_distributed, truncated_share)
 from lora.io import save_adapter
 from model.default import default_model_dir
 from model.precision import default_precision
@@ -156,6 +156,20 @@ def finish(cfg: TrainConfig, run: Run, out: Path, model_dir: Path, best: tuple[f
     print(f"done: adapter in {out}/adapter_model.safetensors, best (step {best[1]}) in {out}/best", file=sys.stderr)
 
 
+def save_all_ranks(cfg: TrainConfig, run: Run, out: Path, device, world: int, stop: StopSignal) -> Path:
+    """The checkpoint at run.step, with every rank's RNG; rank 0 writes it. Returns its folder."""
+    rngs = [rng_state(device)]
+    if world > 1:  # each rank's dropout RNG, so every rank resumes its own stream
+        rngs = [None] * world
+        dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng_state(device).items()})
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return out / "checkpoint"
+    with stop.deferred(), disk_errors(out):  # a second signal now must not tear the save
+        save_checkpoint(out / "checkpoint", run.model, run.opt, run.scaler, run.sampler, run.step, cfg.to_dict(),
+                        run.record, rngs)
+    return out / "checkpoint"
+
+
 @contextlib.contextmanager
 def disk_errors(out: Path):
     """A write that fails (a full disk, a read-only folder) ends the run with one line that says
@@ -202,13 +216,7 @@ def loop(cfg: TrainConfig, run: Run, rank: int, world: int, device, model_dir: P
     main_proc = rank == 0
     model, opt, scaler, params, log = run.model, run.opt, run.scaler, run.params, run.log
 
-    stop = {"signal": None, "saving": False}
-    def on_signal(signum, _frame):
-        if stop["signal"] and not stop["saving"]:  # a second Ctrl-C: stop now, keep the last checkpoint
-            raise KeyboardInterrupt
-        stop["signal"] = stop["signal"] or signum  # finish the step in flight (and any save), checkpoint, exit
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopSignal()  # SIGTERM / Ctrl-C: finish the step in flight, checkpoint, exit
 
     best = max(((r["eval"]["accuracy"], r["step"]) for r in log.records if "eval" in r),
                key=lambda b: b[0], default=(-1.0, None))  # the first of equals: as `>` picks
@@ -269,33 +277,19 @@ def loop(cfg: TrainConfig, run: Run, rank: int, world: int, device, model_dir: P
 
         last_step = step == cfg.steps
         if world > 1:  # every rank stops after the same step, or the others hang in all_reduce
-            flag_t = torch.tensor([float(stop["signal"] or 0)], device=device)
-            dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
-            stop["signal"] = int(flag_t.item()) or None
-        if main_proc and not stop["signal"] and (last_step or cfg.eval_every and step % cfg.eval_every == 0):
+            stop.agree(device)
+        if main_proc and not stop.signal and (last_step or cfg.eval_every and step % cfg.eval_every == 0):
             eval_and_keep_best(step)
             plot(out, log.records)
         if world > 1:
             dist.barrier()
-        if last_step or step % cfg.save_every == 0 or stop["signal"]:
-            rngs = [rng_state(device)]
-            if world > 1:  # each rank's dropout RNG, so every rank resumes its own stream
-                rngs = [None] * world
-                dist.all_gather_object(rngs, {k: v.cpu() for k, v in rng_state(device).items()})
-            if main_proc:
-                stop["saving"] = True  # a second signal now must not tear the save
-                try:
-                    with disk_errors(out):
-                        save_checkpoint(out / "checkpoint", model, opt, scaler, run.sampler, step, cfg.to_dict(),
-                                        run.record, rngs)
-                finally:
-                    stop["saving"] = False
-            ckpt_dir = out / "checkpoint"
-            if stop["signal"]:
+        if last_step or step % cfg.save_every == 0 or stop.signal:
+            ckpt_dir = save_all_ranks(cfg, run, out, device, world, stop)
+            if stop.signal:
                 bar.close()
-                print(f"signal {stop['signal']}: checkpoint written to {ckpt_dir} at step {step}; "
+                print(f"signal {stop.signal}: checkpoint written to {ckpt_dir} at step {step}; "
                       f"continue with --resume", file=sys.stderr)
-                return 128 + stop["signal"]
+                return 128 + stop.signal
     bar.close()
 
     if main_proc:

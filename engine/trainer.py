@@ -5,10 +5,12 @@ data-parallel helpers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -344,6 +346,37 @@ def evaluate(model, val_ds: RowDataset, cfg: TrainConfig, device, label_ids, ste
     tqdm.write(f"step {step:>5} validation: {format_metrics(m)}\n"
                f"           tuned threshold {cut:.4f}: acc={acc:.4f} on these {len(y)} rows{note}", file=sys.stderr)
     return m, th
+
+
+class StopSignal:
+    """SIGTERM / SIGINT during a run: the first asks the loop to stop after the step in flight
+    (with a checkpoint); a second one stops at once (KeyboardInterrupt), except inside
+    `deferred()` (a checkpoint being written), which it must not tear."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saving = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        if self.signal and not self._saving:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signum
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    def agree(self, device) -> None:
+        """Data-parallel: every rank takes the signal any rank got, so all stop after one step."""
+        flag_t = torch.tensor([float(self.signal or 0)], device=device)
+        dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
+        self.signal = int(flag_t.item()) or None
 
 
 def all_reduce_grads(params: list, loss_sum: float, device) -> float:

@@ -1,7 +1,8 @@
 """Triton kernels: fused int8 dequantize, RMSNorm, rotate-half RoPE and SwiGLU (forward and backward).
 
-Imported only when a Triton path is taken (kernels/switch.py), so triton stays optional. Each
-public function here has the signature of its reference in kernels/reference.py and is tested
+Imported only when a Triton path is taken (kernels/__init__.py: `accelerated`), so triton stays
+optional. Each public function here has the signature of the PyTorch function it replaces
+(model/llama.py: rms_norm, apply_rope, swiglu; model/quant.py: dequantize_int8) and is tested
 against it (tests/test_kernels.py). All arithmetic is fp32 in registers, one rounding at the
 store; the references round after each op in the input dtype, so bf16 results differ by ~1 ulp.
 

@@ -309,7 +309,7 @@ _TIKTOKEN_CACHE: dict[str, "_HFBackend"] = {}
 
 
 def _tiktoken_backend(path: Path) -> "_HFBackend":
-    """Building the BPE from 128k ranks takes ~3 s of Python; a process that loads the same
+    """Building the BPE from 128k ranks takes seconds of Python; a process that loads the same
     file twice (train then score, or tests) pays it once. Keyed by content, not path."""
     key = hashlib.sha256(path.read_bytes()).hexdigest()
     if key not in _TIKTOKEN_CACHE:
