@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({n_total} rows" + (f", {skipped} skipped rows given {FALLBACK}" if skipped else "") + ")",
           file=sys.stderr)
 
-    broken = stats["skipped_by_reason"].get("broken record", 0)
+    broken = stats["skipped_by_reason"].get("broken record", 0) - stats.get("broken_ids", 0)
     if broken:
         print(f"warning: {broken} malformed record(s) of {args.data} have no readable ID and no line in the "
               f"submission", file=sys.stderr)

@@ -126,6 +126,12 @@ def read_table(path: str | Path, skip_bad_rows: bool = False,
         by_reason[reason] = by_reason.get(reason, 0) + 1
     if broken:
         by_reason["broken record"] = len(broken)
+        if id_col is not None:  # keep a broken record's ID, if readable, so it still gets a line
+            ids, positions = _ids_with_broken_records(p, id_col, len(df))
+            if positions is not None:
+                stats["ids"], stats["rows_total"] = ids, len(ids)
+                stats["broken_ids"] = len(ids) - len(df)
+                df["_row"] = positions
     if problems:  # (a drop copies every column, so only when there is something to drop)
         df = df.drop(index=list(problems))
     stats["rows_kept"], stats["skipped"] = len(df), sum(by_reason.values())
@@ -199,6 +205,28 @@ def _broken_row(p: Path) -> str:
             if rec and len(rec) != width:
                 return f"data row {n} (1-based, header not counted): "
     return ""
+
+
+def _ids_with_broken_records(p: Path, id_col: str, n_parsed: int) -> tuple[list[str], np.ndarray | None]:
+    """With broken CSV records: (the ID of every record whose ID field is readable, parsed or
+    broken, in file order; each parsed row's position in that list). positions is None when the
+    csv module and pyarrow disagree on the records (then broken records keep no line)."""
+    with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        col, width = header.index(id_col), len(header)
+        ids, positions = [], []
+        for rec in reader:
+            if not rec:
+                continue  # pyarrow skips blank lines too
+            if len(rec) == width:
+                positions.append(len(ids))
+                ids.append(rec[col])
+            elif col < len(rec) and rec[col].strip():
+                ids.append(rec[col])
+    if len(positions) != n_parsed:
+        return ids, None
+    return ids, np.asarray(positions)
 
 
 def _to_pandas(data) -> pd.DataFrame | pd.Series:

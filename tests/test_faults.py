@@ -220,3 +220,21 @@ def test_16_parquet_list_columns_are_a_data_error(tmp_path):
     pq.write_table(t, tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t.parquet: column question holds list<"):
         read_table(tmp_path / "t.parquet")
+
+
+def test_12_a_broken_record_with_a_readable_id_keeps_its_line(tiny, tmp_path):
+    df = synthetic_rows(5, seed=8).drop(columns=["is_correct"]).rename(columns={"id": "ID"})
+    df = df[["ID", "question", "answer", "solution"]]
+    lines = df.to_csv(index=False).splitlines()
+    lines.insert(3, "r_bad,only two")  # between the 2nd and 3rd rows: two fields where four belong
+    lines.insert(5, ",,")  # a broken record without an ID: no line can be written for it
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "s.csv"
+    assert predict.main(["--model", str(tiny / "model"), "--device", "cpu", "--data", str(tmp_path / "t.csv"),
+                         "--out", str(out), "--skip-bad-rows", "--probs"]) == 0
+    sub = pd.read_csv(out, dtype={"ID": str, "is_correct": str})
+    want = df["ID"].tolist()
+    want.insert(2, "r_bad")
+    assert sub["ID"].tolist() == want
+    assert sub.loc[2, "is_correct"] == "False"  # the stated fallback
+    assert sub.loc[[0, 1, 3, 4, 5], "p_true"].ne(0).all()
