@@ -52,6 +52,7 @@ from bench.common import model_dir_of, step_stats, train_config
 from data.batches import LengthGroupedSampler
 from engine.score import format_metrics, metrics
 from engine.trainer import TrainConfig, get_lr, load_data
+from model.precision import default_precision
 from model.tokenizer import Tokenizer
 
 # peft calls transformers' deprecated gradient-checkpointing helpers; not ours to fix.
@@ -142,11 +143,10 @@ def windows(cfg: TrainConfig, train_ds, n: int | None = None):
 
 def setup(argv: list[str]):
     """(cfg, model_dir, tokenizer, train_ds, val_ds) from train.py flags, as train.py builds them
-    (TrainConfig, then engine.trainer.load_data); cfg.precision is fp32, the only one compared."""
+    (TrainConfig, then engine.trainer.load_data); cfg.precision is train.py's default unless given."""
     cfg = train_config(argv)
-    if (cfg.precision or "fp32") != "fp32":
-        raise SystemExit("peer_cpu: only --precision fp32 is compared on CPU")
-    cfg.precision = "fp32"  # train.py's default on the CPU
+    cfg.precision = cfg.precision or default_precision(torch.device("cpu"))  # ours as train.py runs it;
+    # the peer is always the fp32 model (pass --precision fp32 to compare step by step)
     model_dir = model_dir_of(cfg)
     tok = Tokenizer.from_dir(model_dir)
     train_ds, val_ds, _ = load_data(cfg, tok)
