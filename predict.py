@@ -129,15 +129,13 @@ def settings(args, device) -> Settings:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
 
-    if args.prompt_file:
-        template = load_prompt(args.prompt_file)
-    elif "prompt" in run:
-        template = run["prompt"]
-    else:  # an older adapter records the template's file name only
-        template = load_prompt(run["prompt_file"]) if run.get("prompt_file") else DEFAULT_PROMPT
-    if run and run.get("prompt", template) != template or not run.get("prompt") and args.prompt_file \
-            and run and run.get("prompt_file") != args.prompt_file:
-        warn("prompt_file", run.get("prompt_file"), args.prompt_file)
+    # The template the adapter was trained with: its text (an older adapter names only its file).
+    old_file = run.get("prompt_file")
+    readable = old_file and (Path(old_file).is_file() or not args.prompt_file)  # (else load_prompt says why)
+    trained = run.get("prompt") or (load_prompt(old_file) if readable else DEFAULT_PROMPT)
+    template = load_prompt(args.prompt_file) if args.prompt_file else trained
+    if run and template != trained:  # the template's text, not its file name, decides
+        warn("prompt_file", old_file, args.prompt_file)
     max_len = args.max_seq_len or run.get("max_seq_len") or 512
     if run and run.get("max_seq_len") != max_len:
         warn("max_seq_len", run.get("max_seq_len"), max_len)

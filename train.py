@@ -67,7 +67,9 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
         except OSError as e:
             raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
     try:
-        ckpt_dir = find_checkpoint(out / "checkpoint" if cfg.resume in (None, "") else Path(cfg.resume))
+        ckpt_dir = out / "checkpoint"
+        if cfg.resume is not None:  # (validating a checkpoint reads it whole: only when it is needed)
+            ckpt_dir = find_checkpoint(ckpt_dir if cfg.resume == "" else Path(cfg.resume))
         if cfg.resume is None and not cfg.overwrite and ((out / "checkpoint").exists() or (out / "metrics.jsonl").exists()):
             raise UserError(f"--out {out} holds another run: add --resume to continue it or --overwrite to start afresh")
         record = run_record(cfg, model_dir)

@@ -59,9 +59,14 @@ def build_model(model_dir, precision: str, device: torch.device, adapter=None, m
     if merge and adapter:
         if precision != "fp32":
             raise ValueError(f"build_model: merge needs an fp32 base, not {precision}")
-        for m in lora_modules(model).values():
-            m.merge()
+        merge_adapters(model)
     return model.to(device).eval()
+
+
+def merge_adapters(model) -> None:
+    """Fold every LoRA layer's update into its float base weight (W + s·B@A)."""
+    for m in lora_modules(model).values():
+        m.merge()
 
 
 def adapter_run_args(adapter: str | Path) -> dict:

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from data.batches import RowDataset, collate
-from lora.inject import lora_modules, remove_lora
+from engine.build import merge_adapters
+from lora.inject import remove_lora
 from lora.io import load_adapter
 
 
@@ -135,8 +136,7 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
         if on_loaded:
             on_loaded(i)
         if merge:
-            for m in lora_modules(model).values():
-                m.merge()
+            merge_adapters(model)
         model.to(device).eval()
         total += score(model, ds, batch_size, device, label_ids)
         if len(adapters) > 1:
