@@ -3,9 +3,8 @@ command line, runnable by path from any folder as train.py and predict.py are.
 
     python merge.py --model BASE_DIR --adapter ckpt.safetensors --out OUT_DIR [--precision int8]
 """
-import sys
-
+from common.errors import cli_entry
 from lora.merge import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_entry(main)

@@ -25,9 +25,9 @@ import pandas as pd
 from data.batches import RowDataset
 from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
 from data.read import read_table
-from engine.build import adapter_run_args, build_model, load_tokenizer, resolve_device
-from engine.cli import UserError, run_cli
-from engine.files import atomic_write, atomic_write_text
+from common.errors import UserError, cli_entry
+from common.files import atomic_write, atomic_write_text
+from engine.build import adapter_record, build_model, check_model_dir, check_precision, load_tokenizer, resolve_device
 from engine.score import format_metrics, metrics, score_adapters
 from model.default import default_model_dir
 from model.precision import PRECISIONS, default_precision
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", default="auto",
                    help="predict True when p_true > this (auto: the adapter's tuned threshold, else 0.5)")
     # compute
-    p.add_argument("--precision", choices=PRECISIONS, help="base weights (default: the adapter's, else int8 on CUDA, "
-                                                          "fp32 on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="storage of the block projections (default: the "
+                                                          "adapter's, else int8)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     # outputs
@@ -106,7 +106,7 @@ class Settings:
 def settings(args, device) -> Settings:
     """The model, prompt, length and precision the adapter(s) were trained with, unless
     overridden (then warned about), and the decision threshold."""
-    runs = [adapter_run_args(a) for a in args.adapter or ()]
+    runs = [adapter_record(a) for a in args.adapter or ()]
     run = runs[0] if runs else {}
     for other, a in zip(runs[1:], (args.adapter or [])[1:]):
         for key in ("model_dir", "prompt", "max_seq_len", "precision"):
@@ -126,8 +126,7 @@ def settings(args, device) -> Settings:
                             f"pass --model with that model's folder")
     else:
         model_dir = default_model_dir(args.cache_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
+    check_model_dir(model_dir)
 
     # The template the adapter was trained with: its text (an older adapter names only its file).
     old_file = run.get("prompt_file")
@@ -142,8 +141,7 @@ def settings(args, device) -> Settings:
     precision = args.precision or run.get("precision") or default_precision(device)
     if args.precision and run.get("precision") and run["precision"] != args.precision:
         warn("precision", run["precision"], args.precision)
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 needs CUDA: on CPU pass --precision fp32 (or bf16, int8)")
+    check_precision(precision, device)
 
     if args.threshold == "auto":
         tuned = run.get("threshold")
@@ -242,4 +240,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli_entry(main)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from bench.common import REPO
 from engine.score import metrics
-from lora.io import read_run
+from lora.io import read_record
 
 MAIN = ["--steps", "30", "--grad-accum", "1", "--max-seq-len", "384", "--val-rows", "200"]
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             print(f"train.py seed {s}: {time.perf_counter() - t0:.0f} s wall", file=sys.stderr, flush=True)
     sets = eval_sets(work, args.rows)
     first = work / f"seed{seeds[0]}"
-    tuned = read_run(first)
+    tuned = read_record(first)
     t = tuned.get("threshold")
     rows = []
     for name, data in sets.items():

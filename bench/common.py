@@ -1,5 +1,5 @@
 """What the bench scripts share, written once: clocks and timing, argument helpers, train.py's
-flags as an engine.trainer.TrainConfig, the random Llama-3-shaped model and the kernels
+flags as an engine.config.TrainConfig, the random Llama-3-shaped model and the kernels
 self-check of the GPU benchmarks, and the HF + PEFT peer script (find, run, read, join).
 
 Every script runs from the repository root as a module (`python -m bench.NAME`), so the library
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.trainer import TrainConfig, config_from_argv, flag
+from engine.config import TrainConfig, flag, parse_train_args
 from model.config import LlamaConfig
 from model.llama import PROJECTIONS, Llama
 from model.precision import compute_dtype
@@ -99,8 +99,8 @@ def clock_of(args):
 # ----------------------------------------------------------------------------- train.py's flags
 
 def train_config(argv: list[str]) -> TrainConfig:
-    """A TrainConfig from train.py flags, exactly as train.py builds it (engine.trainer's parser)."""
-    return config_from_argv(argv)
+    """A TrainConfig from train.py flags, exactly as train.py builds it (engine/config.py)."""
+    return parse_train_args(argv)
 
 
 def model_dir_of(cfg: TrainConfig) -> Path:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lora.lora import dropout as lora_dropout
+from lora.lora import apply_dropout as lora_dropout
 
 
 def _dropped(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool) -> torch.Tensor:

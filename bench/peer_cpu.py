@@ -4,9 +4,9 @@ Same model folder (the embedded SmolLM2-135M-Instruct unless --model), loaded by
 `LlamaForCausalLM.from_pretrained(..., dtype=float32)`; PEFT LoRA with the same r, alpha,
 dropout, rsLoRA and target projections; activation checkpointing through
 `model.gradient_checkpointing_enable()` (non-reentrant, as ours); the same AdamW, learning rate
-schedule (`engine.trainer.get_lr`), clip and loss. The data are not re-implemented: train.py's
-flags, by the same names and with the same defaults, become an `engine.trainer.TrainConfig`
-(bench/common.py: train_config), and `engine.trainer.load_data` + `data.batches.LengthGroupedSampler`
+schedule (`engine.optim.get_lr`), clip and loss. The data are not re-implemented: train.py's
+flags, by the same names and with the same defaults, become an `engine.config.TrainConfig`
+(bench/common.py: train_config), and `engine.setup.load_data` + `data.batches.LengthGroupedSampler`
 give the same rows, validation sample and batches, in the same order, as train.py with the same
 --seed.
 
@@ -26,7 +26,7 @@ Same random numbers too: PEFT builds its lora_A / lora_B in the same module orde
 `apply_lora` and draws from the torch RNG in the same order (nn.Linear init, then Kaiming-uniform
 A, zero B), and both dropouts act on the adapter input, called in the same order after the
 same `torch.manual_seed(seed)` that train.py sets. So with the same --seed the adapter starts
-bit-identical (checked: max |A_ours - A_peer| = 0), and with KERNELS=torch (ours then draws
+bit-identical (checked: max |A_ours - A_peer| = 0), and with DROPOUT_MASKS=torch (ours then draws
 torch's F.dropout masks, as PEFT's nn.Dropout does, not lora/lora.py's cheaper dropout_bits) the
 dropout masks coincide too; the two runs differ only by floating-point rounding (different op
 order inside the libraries), which bench/train_cpu.py shows as the largest per-step loss
@@ -51,7 +51,9 @@ import torch.nn.functional as F
 from bench.common import model_dir_of, step_stats, train_config
 from data.batches import LengthGroupedSampler
 from engine.score import format_metrics, metrics
-from engine.trainer import TrainConfig, get_lr, load_data
+from engine.config import TrainConfig
+from engine.optim import get_lr
+from engine.setup import load_data
 from model.precision import default_precision
 from model.tokenizer import Tokenizer
 
@@ -143,7 +145,7 @@ def windows(cfg: TrainConfig, train_ds, n: int | None = None):
 
 def setup(argv: list[str]):
     """(cfg, model_dir, tokenizer, train_ds, val_ds) from train.py flags, as train.py builds them
-    (TrainConfig, then engine.trainer.load_data); cfg.precision is train.py's default unless given."""
+    (TrainConfig, then engine.setup.load_data); cfg.precision is train.py's default unless given."""
     cfg = train_config(argv)
     cfg.precision = cfg.precision or default_precision(torch.device("cpu"))  # ours as train.py runs it;
     # the peer is always the fp32 model (pass --precision fp32 to compare step by step)
@@ -170,7 +172,7 @@ def train_peer(argv: list[str], head: str = "gather", log=print, clock=time.perf
     cfg, model_dir, tok, train_ds, val_ds = setup(argv)
     pm = load_peer(model_dir, cfg)
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # engine.trainer.make_optimizer's
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # engine.optim.make_optimizer's
     labels = val_ds.df["is_correct"].to_numpy()
     label_ids = tok.label_ids()
 

@@ -38,11 +38,11 @@ from data.prompt import DEFAULT_PROMPT, Encoder
 from data.read import read_table
 from engine.build import build_model
 from engine.score import score
+from lora.inject import apply_lora, lora_modules
+from lora.io import load_adapter, save_adapter
 
 
 def random_adapter(model_dir: Path, out: Path, seed: int, b_std: float, r: int, alpha: float) -> None:
-    from lora.inject import apply_lora
-    from lora.io import save_adapter
     model = build_model(model_dir, "fp32", torch.device("cpu"))
     torch.manual_seed(seed)
     apply_lora(model, r=r, alpha=alpha, dropout=0.1)
@@ -89,8 +89,10 @@ def main(argv=None) -> int:
             adapter = Path(args.adapter) if args.adapter else Path(tmp)
             if not args.adapter:
                 random_adapter(model_dir, adapter, seed, args.b_std, args.r, args.alpha)
-            ours = build_model(model_dir, "fp32", cpu, adapter, merge=True)
-            unmerged = build_model(model_dir, "fp32", cpu, adapter)
+            ours = load_adapter(build_model(model_dir, "fp32", cpu), adapter)
+            for m in lora_modules(ours).values():  # as predict.py: one adapter folded into fp32 weights
+                m.merge()
+            unmerged = load_adapter(build_model(model_dir, "fp32", cpu), adapter)
             hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
             folder = adapter if adapter.is_dir() else adapter.parent
             pm = PeftModel.from_pretrained(hf, folder).eval()

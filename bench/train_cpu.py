@@ -5,8 +5,9 @@ them through the library's own TrainConfig, data loader and sampler, from train.
 a few seeds. Two phases:
 
 1. speed (interleaved, in this process): ours is built and stepped through the library with the
-   calls train.py's loop makes -- engine.trainer.build_for_training and make_optimizer, then per
-   micro-batch engine.loss.accumulate, and clip + AdamW to close the window -- next to the peer
+   calls train.py's loop makes -- engine.setup.build_for_training and engine.optim.make_optimizer,
+   then per micro-batch engine.loss.compute_loss / n_targets and its backward, and clip + AdamW
+   to close the window -- next to the peer
    model. The first --speed-steps windows of the first seed (after one warm-up window) are built
    once, then for each micro-batch every run does its forward + backward in turn, the order
    flipping each time (ours, peer, peer, ours, ...), so that machine load hits all runs alike;
@@ -17,10 +18,10 @@ a few seeds. Two phases:
    it. `--variants` adds runs: `nockpt` / `ckpt` (ours with checkpointing off / on),
    `peernockpt` (the peer without checkpointing), `fullhead` (the peer computing logits at every position,
    then gathering, as a plain transformers loop would), `torchdrop` (ours under
-   kernels.backend("torch"): torch's dropout masks instead of lora/lora.py's dropout_bits; on
-   the CPU that is all the switch changes).
+   lora.lora.dropout_masks("torch"): torch's dropout masks instead of lora/lora.py's
+   dropout_bits).
 2. learning: per seed, `python train.py` itself, run as a subprocess from the repository root
-   with KERNELS=torch in its environment (--eval-every 0, so no evaluation falls inside a timed
+   with DROPOUT_MASKS=torch in its environment (--eval-every 0, so no evaluation falls inside a timed
    step), and the peer's copy of its loop in this process, in alternating order (seed 1 ours
    first, seed 2 peer first, ...). Ours is read back from the run's metrics.jsonl: the loss and
    tokens_per_s train.py logs for each step (its own wall clock, from the end of one step to the
@@ -29,7 +30,7 @@ a few seeds. Two phases:
    or patched. Reported per run: step time (median, first step excluded), tokens/s (real
    tokens, no padding), validation accuracy and ROC-AUC at step 0 and at the end, the load, and
    the largest per-step loss difference between the two sides: the adapters start bit-identical
-   and draw the same dropout masks (see peer_cpu.py; KERNELS=torch on our side), so that checks
+   and draw the same dropout masks (see peer_cpu.py; DROPOUT_MASKS=torch on our side), so that checks
    data, prompt, loss and optimizer are the same, up to rounding. The step times of this phase
    are therefore ours without the cheaper dropout; phase 1 times the default.
 
@@ -44,7 +45,7 @@ Run from the repository root:
         --batch-size 1 --max-seq-len 128                                   # smoke test, ~1 min
     python -m bench.train_cpu --seeds 1,2,3 --lr 1e-3                      # any train.py flag
 
-Every flag not listed under `--help` is a train.py flag (engine.trainer.TrainConfig's fields) and
+Every flag not listed under `--help` is a train.py flag (engine.config.TrainConfig's fields) and
 goes to both sides; MAIN below holds the main measurement's train.py flags, which later ones
 override. It uses --grad-accum 1 (4 rows a step), where the issue's setting is 2: at ~10-15 s per
 4-row micro-batch on this 2-core CPU, accumulation 2 would take ours ~20 min per seed, before the
@@ -71,12 +72,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import kernels
 from bench import peer_cpu
 from bench.common import REPO, add_clock_args, clock_of, load, step_stats
-from engine.loss import accumulate, count_targets
-from engine.trainer import build_for_training, decide_checkpointing, make_optimizer
+from engine.loss import compute_loss, count_targets
+from engine.memory import decide_grad_checkpointing
+from engine.optim import make_optimizer
+from engine.setup import build_for_training
 from lora.inject import ALL_PROJECTIONS, lora_state_dict
+from lora.lora import dropout_masks
 
 # The main measurement's settings (train.py flags); later flags on the command line win.
 MAIN = ["--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
@@ -105,15 +108,15 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, 
     init_diff = max((v - theirs["base_model.model." + k.replace(".weight", ".default.weight")]).abs().max().item()
                     for k, v in lora_state_dict(ours).items())
 
-    ckpt, why = decide_checkpointing(ours, cfg, cpu)  # "ours" is train.py's default: as decided
+    ckpt, why = decide_grad_checkpointing(ours, cfg, cpu)  # "ours" is train.py's default: as decided
     print(f"ours: gradient checkpointing {'on' if ckpt else 'off'} ({why}); peer: on (the QLoRA recipe)",
           file=sys.stderr)
 
     def micro(name, b, n_targets):
-        with kernels.backend("torch") if name == "ours torch dropout" else contextlib.nullcontext():
+        with dropout_masks("torch") if name == "ours torch dropout" else contextlib.nullcontext():
             if name.startswith("ours"):
                 ours.grad_checkpointing = {"ours nockpt": False, "ours ckpt": True}.get(name, ckpt)
-                accumulate(ours, [b], cfg.loss, cpu, n_targets)  # as train.py, one micro-batch at a time
+                (compute_loss(ours, b, cfg.loss, cpu) / n_targets).backward()  # as train.py's loop, per micro-batch
             else:
                 if name == "peer nockpt":
                     pm.base_model.model.gradient_checkpointing_disable()
@@ -168,9 +171,9 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, 
 # ----------------------------------------------------------------------------- phase 2: learning
 
 def ours_run(argv: list[str], out: Path, tokens: list[int], threads: int | None) -> dict:
-    """`python train.py ARGV --out OUT` (KERNELS=torch), then its metrics.jsonl: per-step loss and
+    """`python train.py ARGV --out OUT` (DROPOUT_MASKS=torch), then its metrics.jsonl: per-step loss and
     seconds (the step's real tokens / the tokens_per_s train.py logged), step-0 and final metrics."""
-    env = dict(os.environ, KERNELS="torch")  # on CPU only the dropout changes: PEFT's masks, step by step
+    env = dict(os.environ, DROPOUT_MASKS="torch")  # PEFT's masks, step by step
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "train.py", *argv, "--out", str(out), "--overwrite"]
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-steps", type=int, default=4, help="interleaved timed windows per side (0: skip phase 1)")
     p.add_argument("--variants", default="", help="extra speed rows, comma-separated: nockpt (ours without activation "
                    "checkpointing), fullhead (the peer's head at every position), torchdrop (ours with torch's "
-                   "dropout masks, KERNELS=torch)")
+                   "dropout masks, DROPOUT_MASKS=torch)")
     p.add_argument("--profile", type=int, default=0, help="after phase 1, print the top N ops of one micro-batch per run")
     p.add_argument("--no-learn", action="store_true", help="phase 1 only")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",

@@ -38,8 +38,9 @@ import kernels
 from bench.common import (add_gpu_args, build_random_model, finish_gpu_args, free, gpu_setup,
                           measure_modes, median_time, n_params, peer_rows, print_table)
 from data.prompt import IGNORE
-from engine.loss import accumulate, count_targets
-from engine.trainer import TrainConfig, make_optimizer
+from engine.config import TrainConfig
+from engine.loss import compute_loss, count_targets
+from engine.optim import make_optimizer
 from lora.inject import apply_lora
 
 
@@ -73,10 +74,11 @@ def with_lora(model, r: int, alpha: float, dropout: float):
 
 def train_step(model, opt, batch: dict, loss_mode: str, device, n_targets: torch.Tensor) -> float:
     """One optimizer step of one micro-batch, as train.py takes it (no clipping: the peer's unit)."""
-    loss = accumulate(model, [batch], loss_mode, device, n_targets)
+    loss = compute_loss(model, batch, loss_mode, device) / n_targets
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return loss.item()
 
 
 def train_run(cfg, mode: str, device, args) -> dict:

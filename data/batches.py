@@ -31,21 +31,20 @@ class LengthGroupedSampler:
     Each epoch: permute all rows (seed + epoch), cut into mega-batches of `mega_batches`
     batches, sort each mega-batch by length (longest first), cut into batches, shuffle the
     batch order. Batches are homogeneous in length (little padding) yet the order is random.
-    shuffle=False sorts the whole set by length, longest first (for scoring).
     With world_size > 1 every rank walks the same global order and takes every
     world_size-th batch starting at `rank`; the tail that would give ranks unequal counts is
     dropped, so all ranks take the same number of steps.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False, mega_batches: int = 64):
+    def __init__(self, lengths, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 mega_batches: int = 64):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.mega_batches = mega_batches
         self.epoch, self.position = 0, 0
         self._cached = (None, None)
@@ -55,30 +54,19 @@ class LengthGroupedSampler:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        n, bs = len(self.lengths), self.batch_size
-        total = n // bs if self.drop_last else -(-n // bs)
-        return total // self.world_size
+        return -(-len(self.lengths) // self.batch_size) // self.world_size
 
     def _global(self, epoch: int) -> list[np.ndarray]:
         bs = self.batch_size
-        if self.shuffle:
-            rng = np.random.default_rng(self.seed + epoch)
-            perm = rng.permutation(len(self.lengths))
-            mega = bs * self.mega_batches
-            batches = []
-            for s in range(0, len(perm), mega):
-                chunk = perm[s:s + mega]
-                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
-        else:
-            rng = None
-            order = np.argsort(-self.lengths, kind="stable")
-            batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        if self.drop_last and len(batches[-1]) < bs:
-            batches.pop()  # only the last one can be short
-        if rng is not None:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        rng = np.random.default_rng(self.seed + epoch)
+        perm = rng.permutation(len(self.lengths))
+        mega = bs * self.mega_batches
+        batches = []
+        for s in range(0, len(perm), mega):
+            chunk = perm[s:s + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in order."""
@@ -124,23 +112,19 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "attention_mask": mask,  # (B, T) True on real tokens
         "targets": targets,  # (B, T) -100 where no loss
         "cue_pos": mask.sum(1) - 1,  # (B,) last real token = the cue
-        "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),  # (B,)
-        "index": torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long),  # (B,)
     }
 
 
 class RowDataset:
     """A table's rows, tokenized lazily (with a small LRU cache) when a batch asks for them.
 
-    Positions are 0..len-1 in df's order. Each example's `index` is the source table's data
-    row: df's `_row` column (read_table adds it) or else df's index. `lengths` is the cheap
-    character-length proxy per position, for LengthGroupedSampler. `stats` counts the rows
+    Positions are 0..len-1 in df's order. `lengths` is the cheap character-length proxy per
+    position, for LengthGroupedSampler. `stats` counts the rows
     encoded so far and how many of them were truncated."""
 
     def __init__(self, df: pd.DataFrame, encoder: Encoder, pad_id: int | None = None,
                  cache_size: int = 4096):
         self.df = df
-        self.source_rows = df["_row"].to_numpy() if "_row" in df.columns else df.index.to_numpy()
         self.encoder = encoder
         self.pad_id = encoder.tok.pad_id if pad_id is None else pad_id
         self.lengths = char_lengths(df)
@@ -158,7 +142,6 @@ class RowDataset:
         if missing:
             rows = self.df.iloc[missing][["question", "answer", "solution", "label"]].to_dict("records")
             for i, ex in zip(missing, self.encoder.encode_many(rows)):
-                ex["index"] = int(self.source_rows[i])
                 self._seen[i] = True
                 self._truncated[i] = ex["truncated"]
                 self._cache[i] = ex

@@ -3,8 +3,8 @@
 
 Row numbers in messages: "data row N" is 1-based and does not count the header (the first
 record under the header is data row 1); JSONL files say "line N" (1-based file line).
-The DataFrame index is the 0-based data row, kept through filtering and splitting, and it
-is the `index` a batch carries back to the source table.
+The DataFrame index (and its `_row` column) is the 0-based data row, kept through filtering and
+splitting: predict.py writes each row's line of the submission there.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.cli import UserError
+from common.errors import UserError
 
 FIELDS = ("question", "answer", "solution")
 LABELS = {"true": 1, "false": 0, "1": 1, "0": 0, "1.0": 1, "0.0": 0}  # lower-cased, stripped

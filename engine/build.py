@@ -1,5 +1,5 @@
-"""A base model at a precision on a device, plus an adapter: what train.py, predict.py and the
-benchmarks all start from."""
+"""What train.py, predict.py and the benchmarks all start from: the device, the tokenizer
+(checked against the model), the base model at a precision, and how an adapter was trained."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import UserError
-from lora.inject import lora_modules
-from lora.io import load_adapter, read_run
+from common.errors import UserError
+from lora.io import read_record
 from model.config import LlamaConfig
 from model.load import load_model
 from model.precision import compute_dtype, storage_dtype
@@ -45,39 +44,37 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return tok
 
 
-def build_model(model_dir, precision: str, device: torch.device, adapter=None, merge: bool = False):
-    """The base at `precision` on `device`, plus the adapter if given, in eval mode.
-
-    merge: fold the adapter into the weights (W + s·B@A) so scoring runs the plain base (fp32
-    bases only: there the sum is exact to float rounding; a bf16 weight would round most of a
-    small update away, and an int8 or nf4 weight cannot take it without re-quantizing).
-    """
+def build_model(model_dir, precision: str, device: torch.device):
+    """The base at `precision` on `device`, frozen, in eval mode (model/precision.py decides the
+    storage and activation dtypes)."""
     model = load_model(model_dir, precision=precision, device=device, dtype=storage_dtype(precision),
                        compute_dtype=compute_dtype(precision, device))
-    if adapter:
-        load_adapter(model, adapter)
-    if merge and adapter:
-        if precision != "fp32":
-            raise ValueError(f"build_model: merge needs an fp32 base, not {precision}")
-        merge_adapters(model)
     return model.to(device).eval()
 
 
-def merge_adapters(model) -> None:
-    """Fold every LoRA layer's update into its float base weight (W + s·B@A)."""
-    for m in lora_modules(model).values():
-        m.merge()
+def check_model_dir(model_dir: Path, flag: str = "--model") -> Path:
+    """A model folder, or one line saying why not (before anything is loaded)."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"{flag} {model_dir}: not a model folder (no config.json)")
+    return Path(model_dir)
 
 
-def adapter_run_args(adapter: str | Path) -> dict:
-    """How the adapter was trained: model_dir, prompt (text), prompt_file, max_seq_len, precision.
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 compute needs CUDA (the CPU has no fp16 GEMMs worth the name)."""
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("precision fp16 needs CUDA: on a CPU use int8, nf4, bf16 or fp32")
 
-    From the adapter file's own header (lora/io.py: read_run), so a lone copy of the file is
+
+def adapter_record(adapter: str | Path) -> dict:
+    """How the adapter was trained (engine/setup.py: training_record): model_dir, prompt (text),
+    prompt_file, max_seq_len, precision, threshold, ...
+
+    From the adapter file's own header (lora/io.py: read_record), so a lone copy of the file is
     enough; for an older adapter, the args.json train.py saved beside it (or one folder above).
     {} for an adapter made elsewhere (PEFT)."""
-    run = read_run(adapter)
-    if run:
-        return run
+    record = read_record(adapter)
+    if record:
+        return record
     p = Path(adapter)
     folder = p if p.is_dir() else p.parent
     for cand in (folder / "args.json", folder.parent / "args.json"):

@@ -1,6 +1,6 @@
 """Checkpoints from which `--resume` continues exactly: adapter, optimizer, GradScaler, every
 rank's RNG state and the sampler's position, in safetensors (no pickles: loading runs no code),
-written as a whole folder at once (engine/files.py: a crash leaves the old or the new one).
+written as a whole folder at once (common/files.py: a crash leaves the old or the new one).
 
     checkpoint/adapter_model.safetensors, adapter_config.json   the adapter, PEFT's format
     checkpoint/state.safetensors                                 optimizer, RNG, scaler tensors
@@ -8,6 +8,7 @@ written as a whole folder at once (engine/files.py: a crash leaves the old or th
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -18,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.cli import UserError
-from engine.files import atomic_write_dir
+from common.errors import UserError
+from common.files import atomic_write_dir
 from lora.io import load_adapter, save_adapter
 
 
@@ -85,6 +86,19 @@ class RunLock:
             self.fd = None
 
 
+@contextlib.contextmanager
+def disk_errors(out: Path):
+    """A write that fails (a full disk, a read-only folder) ends the run with one line that says
+    which checkpoint is intact; atomic writes leave the previous files as they were."""
+    try:
+        yield
+    except OSError as e:
+        intact = find_checkpoint(out / "checkpoint")
+        keep = (f"the last complete checkpoint is {intact} (step {saved_meta(intact)['step']}): --resume continues "
+                f"from it once there is room" if checkpoint_problem(intact) is None else "no checkpoint was written yet")
+        raise UserError(f"cannot write in {out} ({e.strerror or e}); {keep}") from None
+
+
 def flatten_state(obj, prefix="") -> tuple[dict, object]:
     """Split a nested state (optimizer, RNG) into safetensors-able tensors and a JSON skeleton."""
     tensors = {}
@@ -125,17 +139,17 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: dict, run: dict,
+def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: dict, record: dict,
                     rngs: list[dict]) -> None:
-    """Write the checkpoint folder `path` atomically. run: engine.trainer.run_record (in the
+    """Write the checkpoint folder `path` atomically. record: engine/setup.py's training_record (in the
     adapter's header); rngs: every rank's rng_state, by rank."""
     def write(tmp: Path):
-        save_adapter(model, tmp, base_model_name_or_path=run["model_dir"], run=run)
+        save_adapter(model, tmp, base_model_name_or_path=record["model_dir"], record=record)
         state = {"optimizer": opt.state_dict(), "rng": rngs,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         tensors, skel = flatten_state(state)
         save_file(tensors, str(tmp / "state.safetensors"))
-        meta = {"step": step, "sampler": sampler.state_dict(), "state": skel, "args": args, "data": run.get("data")}
+        meta = {"step": step, "sampler": sampler.state_dict(), "state": skel, "args": args, "data": record.get("data")}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
 
     atomic_write_dir(path, write)

@@ -1,5 +1,6 @@
-"""The training loss: cross-entropy on the target tokens, summed, and divided by the target count
-of the whole accumulation window (of all ranks), so 2 x batch 2 gives the gradient of 1 x batch 4.
+"""The training loss: cross-entropy on the target tokens, summed (`compute_loss`); train.py's loop
+divides it by the target count of the whole accumulation window (of all ranks, `count_targets`),
+so 2 x batch 2 gives the gradient of 1 x batch 4, whatever the row lengths.
 
 Two modes (data/prompt.py makes the targets):
   answer  the label token at the cue only; the vocabulary head runs at one position per row
@@ -72,7 +73,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Returns:
         (loss_sum, count): fp32 scalar SUM of the token losses (differentiable w.r.t. hidden and
         weight) and the long scalar number of counted targets. Divide by the count of the whole
-        accumulation window, not per micro-batch (see `accumulate`); for a per-batch mean,
+        accumulation window, not per micro-batch (train.py's loop); for a per-batch mean,
         `loss_sum / count.clamp(min=1)`.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -106,18 +107,3 @@ def compute_loss(model, batch: dict, loss_mode: str, device) -> torch.Tensor:
 def count_targets(batches: list[dict]) -> int:
     """Target tokens of an accumulation window (this rank's micro-batches)."""
     return sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-
-
-def accumulate(model, batches: list[dict], loss_mode: str, device, n_targets: torch.Tensor, scaler=None) -> float:
-    """Backward over the micro-batches of one optimizer step; returns the window's mean loss.
-
-    Each micro-batch's summed loss is divided by `n_targets`, the target count of the WHOLE
-    window (all ranks), so 2 x batch 2 gives the same gradient as 1 x batch 4, whatever the
-    row lengths.
-    """
-    total = 0.0
-    for b in batches:
-        loss = compute_loss(model, b, loss_mode, device) / n_targets
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.item()
-    return total

@@ -1,4 +1,5 @@
-"""Scoring: p_true for each row, and the metrics of p_true against labels.
+"""Scoring: p_true for each row, the metrics of p_true against labels, the tuned threshold,
+training's evaluation, and adapter ensembles.
 
 One forward pass per batch, no generation: at the cue ("Answer is correct (True/False only):")
 the model's logits for " True" and " False" are compared, p_true = softmax(logit(False),
@@ -14,8 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data.batches import RowDataset, collate
-from engine.build import merge_adapters
-from lora.inject import remove_lora
+from lora.inject import lora_modules, remove_lora
 from lora.io import load_adapter
 
 
@@ -119,6 +119,23 @@ def format_metrics(m: dict) -> str:
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 
+def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log) -> tuple[dict, dict]:
+    """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
+    threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
+    "accuracy_at_threshold", "best_cut"}."""
+    p = score(model, val_ds, batch_size, device, label_ids)
+    y = val_ds.df["is_correct"].to_numpy()
+    m = metrics(y, p)
+    cut, acc = best_threshold(y, p)
+    th = {"threshold": cut if len(y) >= MIN_TUNE_ROWS else None, "rows": len(y), "best_cut": cut,
+          "accuracy_at_threshold": acc}
+    log({"step": step, "eval": m, "threshold": th})
+    note = "" if th["threshold"] is not None else f", not used: fewer than {MIN_TUNE_ROWS} rows"
+    tqdm.write(f"step {step:>5} validation: {format_metrics(m)}\n"
+               f"           tuned threshold {cut:.4f}: acc={acc:.4f} on these {len(y)} rows{note}", file=sys.stderr)
+    return m, th
+
+
 def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
                    merge: bool = False, on_loaded=None) -> np.ndarray:
     """p_true of the base `model` with each adapter in turn, averaged (the base alone without any).
@@ -126,7 +143,8 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
     The base is loaded once; each adapter is put on it, scored and taken off again. An ensemble
     averages probabilities, not log-odds: one over-confident member (p = 1e-6) then moves the
     mean by at most 1/n instead of deciding it. merge: fold a single adapter into an fp32 base's
-    weights first (engine/build.py: build_model).
+    weights first (exact to float rounding there; a bf16 weight would round most of a small update
+    away, and an int8 or nf4 weight cannot take it without re-quantizing).
     """
     if not adapters:
         return score(model, ds, batch_size, device, label_ids)
@@ -135,8 +153,9 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
         load_adapter(model, a)
         if on_loaded:
             on_loaded(i)
-        if merge:
-            merge_adapters(model)
+        if merge:  # W + s·B@A in the fp32 weights: the plain base's speed
+            for m in lora_modules(model).values():
+                m.merge()
         model.to(device).eval()
         total += score(model, ds, batch_size, device, label_ids)
         if len(adapters) > 1:

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from engine.cli import UserError
+from common.errors import UserError
 
 BACKENDS = ("auto", "triton", "torch")
 _backend: str | None = None  # None: read KERNELS from the environment

@@ -7,8 +7,12 @@ Only safetensors: a pickled `adapter_model.bin` can run code when loaded, so it 
 The safetensors header carries the adapter's config too, so the file alone is enough to use it
 (`predict.py --adapter ckpt.safetensors`). Metadata keys, each a JSON string:
     "adapter_config"  the adapter_config.json (r, lora_alpha, use_rslora, target_modules, ...)
-    "run"             how it was trained: model_dir, prompt (the template's text), max_seq_len,
-                      precision (train.py writes it; absent in a PEFT-made file)
+    "run"             the training record, how it was trained (engine/setup.py: training_record):
+                      model_dir, prompt (the template's text), prompt_file, max_seq_len,
+                      precision, loss, data (each file's path, size and BLAKE2b hash), and after
+                      an evaluation threshold and threshold_rows (the tuned p_true cut and the
+                      number of validation rows it was tuned on). train.py writes it; absent in
+                      a PEFT-made file.
 PEFT ignores the metadata; a side adapter_config.json, when present, must agree with it.
 Every file is written atomically (temp file in the same folder, fsync, os.replace), so a crash
 mid-save leaves the previous adapter intact.
@@ -24,35 +28,26 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.cli import UserError
-from engine.files import atomic_write, atomic_write_text
+from common.errors import UserError
+from common.files import atomic_write, atomic_write_text
+from model.load import PICKLE_SUFFIXES
 from lora.inject import (ALL_PROJECTIONS, apply_lora, is_linear_like, lora_modules, lora_state_dict,
                          name_matches, remove_lora)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-META_CONFIG, META_RUN = "adapter_config", "run"  # safetensors header keys (JSON strings)
+META_CONFIG, META_RECORD = "adapter_config", "run"  # safetensors header keys (JSON strings)
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (the LM)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class AdapterError(UserError, ValueError):
     """An adapter file or config that does not fit (format, keys, rank, shapes)."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under a DDP or torch.compile wrapper, whose names carry no `module.` /
-    `_orig_mod.` prefix (the adapter keys must be the bare model's)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
-
 # ---- save ----
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """The adapter_config.json for the LoRA in `model` (one r / alpha / dropout / rslora for all)."""
-    model = unwrap(model)
     mods = lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers")
@@ -81,29 +76,27 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None,
-                 extra_config: dict | None = None, run: dict | None = None) -> Path:
+                 record: dict | None = None) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` into `out_dir` (created).
 
     Args:
         model: a model with LoRALinear layers (lora.inject.apply_lora).
         out_dir: folder to write into.
         base_model_name_or_path: recorded in the config (PEFT ignores it when given a model).
-        extra_config: more config keys (e.g. provenance), merged over the defaults.
-        run: how the adapter was trained (JSON-able), stored in the file's header as "run".
+        record: how the adapter was trained (JSON-able), stored in the file's header as "run".
     Returns:
         the path of the safetensors file.
     """
-    model, out_dir = unwrap(model), Path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model_name_or_path)
-    config.update(extra_config or {})
     if any(m.merged for m in lora_modules(model).values()):
         raise ValueError("save_adapter: LoRA is merged into the base weights; unmerge() first")
     tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     weights = out_dir / WEIGHTS_NAME
     meta = {"format": "pt", META_CONFIG: json.dumps(config)}
-    if run is not None:
-        meta[META_RUN] = json.dumps(run)
+    if record is not None:
+        meta[META_RECORD] = json.dumps(record)
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return weights
@@ -199,11 +192,11 @@ def read_adapter_config(path: str | Path) -> dict:
     return cfg
 
 
-def read_run(path: str | Path) -> dict:
+def read_record(path: str | Path) -> dict:
     """How the adapter was trained, from its file's header ({} for a file without it, e.g. PEFT's)."""
     weights, _ = _resolve(path)
     header = read_header(weights)
-    return _json(header[META_RUN], f"{weights} (header {META_RUN})") if META_RUN in header else {}
+    return _json(header[META_RECORD], f"{weights} (header {META_RECORD})") if META_RECORD in header else {}
 
 
 def _filter_for(targets: str | list[str]):
@@ -229,7 +222,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """
     weights, _ = _resolve(path)
     cfg = read_adapter_config(path)
-    outer, model = model, unwrap(model)
     r, alpha, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
     added = not lora_modules(model)
     if added:
@@ -246,7 +238,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         if added:  # leave the model as it came, not half-adapted
             remove_lora(model)
         raise
-    return outer
+    return model
 
 
 def _load_checked(model: nn.Module, weights: Path, r: int, alpha: float, rslora: bool) -> None:

@@ -11,13 +11,14 @@ in its own dtype and cast back), so an adapter saved here loads in PEFT with the
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
 
 
 def is_float_linear(layer: nn.Module) -> bool:
@@ -52,23 +53,50 @@ def dropout_bits(x: torch.Tensor, p: float) -> torch.Tensor:
     return x.masked_fill(drop, 0).mul_(_LEVELS / (_LEVELS - k))
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training), drawn by dropout_bits on CPU. KERNELS=torch (or
-    kernels.backend("torch")) keeps F.dropout's masks, draw for draw the ones PEFT draws; on CUDA
-    F.dropout is one fused kernel already. Both draw from torch's default generator, so a seed
-    and torch.utils.checkpoint's RNG save/restore cover them (the recompute sees the same mask)."""
+# Where a CPU run's dropout masks come from: "auto" (dropout_bits, the cheap 16-bit draws) or
+# "torch" (F.dropout: the masks PEFT draws, draw for draw, for a run that must match PEFT step by
+# step). Not a kernel, so not the KERNELS switch: the environment variable DROPOUT_MASKS, or
+# `with dropout_masks("torch"):` for a block. On CUDA F.dropout is one fused kernel either way.
+MASK_SOURCES = ("auto", "torch")
+_masks: str | None = None  # None: read DROPOUT_MASKS from the environment
+
+
+def mask_source() -> str:
+    name = _masks or os.environ.get("DROPOUT_MASKS", "auto").strip().lower() or "auto"
+    if name not in MASK_SOURCES:
+        raise ValueError(f"DROPOUT_MASKS={name!r}: use auto or torch")
+    return name
+
+
+@contextlib.contextmanager
+def dropout_masks(name: str):
+    """`with dropout_masks("torch"): ...` -- F.dropout's masks inside the block, even on a CPU."""
+    global _masks
+    if name not in MASK_SOURCES:
+        raise ValueError(f"dropout_masks: {name!r} is not one of {', '.join(MASK_SOURCES)}")
+    saved, _masks = _masks, name
+    try:
+        yield
+    finally:
+        _masks = saved
+
+
+def apply_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training), its mask drawn by dropout_bits on a CPU unless the mask source is
+    "torch" (above). Both draw from torch's default generator, so a seed and
+    torch.utils.checkpoint's RNG save/restore cover them (the recompute sees the same mask)."""
     if not training or p == 0:
         return x
-    if x.device.type == "cpu" and kernels.get_backend() != "torch":
+    if x.device.type == "cpu" and mask_source() != "torch":
         return dropout_bits(x, p)
     return F.dropout(x, p, training)
 
 
 class LoRADropout(nn.Dropout):
-    """nn.Dropout drawing its mask with `dropout` above."""
+    """nn.Dropout drawing its mask with `apply_dropout` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return apply_dropout(x, self.p, self.training)
 
 
 # ---------------------------------------------------------------------------------- the layer

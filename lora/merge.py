@@ -19,21 +19,20 @@ import json
 import math
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.cli import UserError
-from engine.files import atomic_write, atomic_write_text
+from common.errors import UserError, cli_entry
+from common.files import atomic_write, atomic_write_text
 from lora.io import PREFIX, _resolve, read_adapter_config
 from lora.lora import lora_delta, lora_scaling
 from model.config import LlamaConfig
 from model.llama import PROJECTIONS
 from model.precision import FLOAT_DTYPES, PRECISIONS
-from model.load import checkpoint_files as checkpoint_shards
+from model.load import SKIPPED_KEY, weight_files
 
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "tokenizer.model", "chat_template.jinja")
@@ -46,9 +45,9 @@ class MergeError(UserError, ValueError):
     """Inputs that cannot be merged (missing files, keys or shapes that do not line up)."""
 
 
-def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+def tensor_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, for model.safetensors or the shards of the index."""
-    files, _, _ = checkpoint_shards(model_dir)
+    files, _, _ = weight_files(model_dir)
     out = {}
     for f in files:
         with safe_open(f, "pt") as sf:
@@ -116,8 +115,7 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
     if out_dir.is_dir() and any(out_dir.glob("*.safetensors")):
         raise MergeError(f"--out {out_dir} already holds *.safetensors files; "
                          f"remove them or pick another folder")
-    # Old checkpoints carry RoPE's inv_freq buffers: derived from the config, not weights; dropped.
-    files = {k: f for k, f in checkpoint_files(model_dir).items() if not k.endswith("rotary_emb.inv_freq")}
+    files = {k: f for k, f in tensor_files(model_dir).items() if not SKIPPED_KEY.fullmatch(k)}  # (inv_freq)
     updates, adapter_cfg, scale = read_updates(adapter)
     handles = {f: safe_open(f, "pt") for f in sorted(set(files.values()))}
     shapes = {k: tuple(handles[f].get_slice(k).get_shape()) for k, f in files.items()}
@@ -206,14 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of the written weights (default bf16)")
     ap.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")
     args = ap.parse_args(argv)
-    try:
-        merge_to_hf(args.model, args.adapter, args.out, args.precision, FLOAT_DTYPES[args.dtype],
-                    parse_size(args.max_shard_size))
-    except UserError as e:  # AdapterError, MergeError, ConfigError, LoadError: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    merge_to_hf(args.model, args.adapter, args.out, args.precision, FLOAT_DTYPES[args.dtype],
+                parse_size(args.max_shard_size))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_entry(main)

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.cli import UserError
+from common.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

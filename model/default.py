@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.cli import UserError
+from common.errors import UserError, cli_entry
+from common.files import usual_permissions
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 FOLDER_NAME = "smollm2-135m-instruct"
@@ -113,10 +114,8 @@ def _default_model_dir(cache_dir: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{FOLDER_NAME}-"))
     try:
         convert_gguf(gguf_path, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; give the usual permissions
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700
+            usual_permissions(f)
         try:
             os.rename(tmp, out)
         except OSError:  # another process finished first: its folder is as good as ours
@@ -293,16 +292,14 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=f"Fetch and convert {DEFAULT_MODEL_NAME} once; print its folder.")
     p.add_argument("--cache-dir", default=None,
                    help="cache folder (default $LLAMA3_LORA_CACHE or $XDG_CACHE_HOME/llama3-lora)")
     args = p.parse_args(argv)
-    try:
-        print(default_model_dir(args.cache_dir))
-    except DefaultModelError as e:
-        sys.exit(f"error: {e}")
+    print(default_model_dir(args.cache_dir))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli_entry(main)

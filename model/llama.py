@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute_in_backward  # "gradient checkpointing"
 
 import kernels
 from model.config import LlamaConfig
@@ -164,10 +164,15 @@ class Llama(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied models (Llama 3.2, SmolLM2) reuse the embedding matrix as the output head.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.grad_checkpointing = False  # per-block activation checkpointing, set by the trainer
-        # Activations' dtype when it differs from the stored embeddings and head (model/load.py:
-        # an 8-bit base keeps them in bf16 and, on CPU, computes in fp32). None: the stored dtype.
+        self.grad_checkpointing = False  # recompute each block's activations in backward (train.py sets it)
+        # Activations' dtype when it differs from the stored embeddings and head (model/load.py,
+        # by model/precision.py's rule). None: the stored dtype.
         self.compute_dtype: torch.dtype | None = None
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in."""
+        return self.compute_dtype or self.model.embed_tokens.weight.dtype
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -193,7 +198,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
         for block in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = recompute_in_backward(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
         return self.model.norm(x)

@@ -4,7 +4,8 @@ Reads config.json plus model.safetensors, or the shards named by model.safetenso
 The model is built on the meta device (no memory), then tensors are streamed one at a time
 with `safetensors.safe_open`: the seven projections of every block become Int8Linear /
 NF4Linear (or a float nn.Linear) the moment their weight arrives; embeddings, norms and the
-head are cast to the compute dtype. Host memory therefore holds the growing (quantized) model
+head are stored in `dtype` (bf16 beside int8 / nf4 projections; a float precision's own dtype),
+and the activations computed in `compute_dtype` (model/precision.py decides both). Host memory therefore holds the growing (quantized) model
 plus about one tensor, never the whole checkpoint in 16-bit.
 
 Every key is checked before any weight is read (safetensors headers are cheap): each expected
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.cli import UserError
+from common.errors import UserError
 from model.config import LlamaConfig
 from model.llama import PROJECTIONS, Llama
 from model.precision import FLOAT_DTYPES, PRECISIONS, float_linear, storage_dtype
@@ -31,12 +32,14 @@ class LoadError(UserError, ValueError):
     """A checkpoint folder we cannot (or must not) load."""
 
 
-# Checkpoint keys known and deliberately not loaded. Checkpoints written by transformers < 4.31
-# carry RoPE's inverse frequencies as a buffer: derived from rope_theta / rope_scaling (our model
-# recomputes them every forward, in fp32), not learned, and sometimes saved in 16-bit.
-_SKIPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Checkpoint keys known and deliberately not loaded (nor merged: lora/merge.py). Checkpoints
+# written by transformers < 4.31 carry RoPE's inverse frequencies as a buffer: derived from
+# rope_theta / rope_scaling (our model recomputes them every forward, in fp32), not learned, and
+# sometimes saved in 16-bit.
+SKIPPED_KEY = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 
-PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*.pth")
+# Weights (and adapters: lora/io.py) in these formats are refused: unpickling can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def hf_to_ours(key: str, cfg: LlamaConfig) -> str | None:
@@ -44,7 +47,7 @@ def hf_to_ours(key: str, cfg: LlamaConfig) -> str | None:
     map is the identity; _check_keys refuses any key our model does not have."""
     if key == "lm_head.weight" and cfg.tie_word_embeddings:
         return None  # tied: the head IS embed_tokens; some exporters still write a copy
-    return None if _SKIPPED.fullmatch(key) else key
+    return None if SKIPPED_KEY.fullmatch(key) else key
 
 
 @contextlib.contextmanager
@@ -61,8 +64,9 @@ def _refuse_pickle(f: Path):
     raise LoadError(f"refusing to load {f}: pickle checkpoints can run code; convert to safetensors")
 
 
-def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | None]:
-    """(safetensors files, key → file name per the index (empty without one), index path)."""
+def weight_files(path: Path) -> tuple[list[Path], dict[str, str], Path | None]:
+    """A model folder's weight shards: (safetensors files, key → file name per the index (empty
+    without one), index path)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -77,10 +81,9 @@ def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | Non
     single = path / "model.safetensors"
     if single.is_file():
         return [single], {}, None
-    for pattern in PICKLE_PATTERNS:
-        found = sorted(path.glob(pattern))
-        if found:
-            _refuse_pickle(found[0])
+    found = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        _refuse_pickle(found[0])
     raise LoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -92,16 +95,16 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
         path: folder with config.json and model.safetensors (or shards + index).
         precision: storage of the seven block projections: int8 | nf4 | bf16 | fp16 | fp32.
         device: where the model lives; quantization runs there, one tensor at a time.
-        dtype: int8 / nf4 only: compute dtype, in which embeddings, norms and lm_head are
-            stored (default bf16; float precisions use their own dtype throughout).
-        compute_dtype: the activations' dtype, when it differs from `dtype` (int8 on CPU: bf16
-            storage, fp32 compute; model.precision.compute_dtype gives the CLIs' choice).
+        dtype: int8 / nf4 only: the dtype embeddings, norms and lm_head are stored in (default
+            bf16; float precisions use their own dtype throughout).
+        compute_dtype: the activations' dtype, when it differs from `dtype` (e.g. bf16 storage,
+            fp32 activations; model/precision.py: compute_dtype gives the CLIs' choice).
     """
     if precision not in PRECISIONS:
         raise LoadError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     path, device = Path(path), torch.device(device)
     if path.is_file():
-        if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+        if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(path)
         raise LoadError(f"{path}: pass the checkpoint folder (config.json + *.safetensors), not a file")
     if not path.is_dir():
@@ -111,7 +114,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
                         f"computes in its own dtype (dtype applies to int8 / nf4)")
     dtype = dtype or storage_dtype(precision)
     cfg = LlamaConfig.from_hf_config(path)
-    files, weight_map, index = checkpoint_files(path)
+    files, weight_map, index = weight_files(path)
 
     with torch.device("meta"):
         model = Llama(cfg)
@@ -141,7 +144,7 @@ def load_model(path: str | Path, precision: str = "int8", device: str | torch.de
                     if old.bias is not None:
                         new.bias = old.bias  # meta until (or already) loaded: keys are sorted, bias first
                     setattr(parent, child, new)
-                else:  # embeddings, norms, lm_head, projection biases: compute dtype
+                else:  # embeddings, norms, lm_head, projection biases: the storage dtype
                     setattr(model.get_submodule(mod_name), attr,
                             nn.Parameter(t.to(device, dtype, copy=True), requires_grad=False))
                 del t

@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine.cli import UserError
+from common.errors import UserError
 
 
 class TokenizerError(UserError, ValueError):

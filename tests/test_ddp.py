@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import train
-import engine.loss as loss_mod
 from tiny import make_workdir, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,22 +47,18 @@ def _worker(rank, world, port, argv, fault):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    calls = {"accumulate": 0, "loss": 0}
-    real_accumulate, real_loss = loss_mod.accumulate, loss_mod.compute_loss
+    calls = {"loss": 0}
+    real_loss = train.compute_loss
 
-    def accumulate(*a, **k):  # fault="sigterm": rank 1 receives SIGTERM during step 3
-        calls["accumulate"] += 1
-        if fault == "sigterm" and rank == 1 and calls["accumulate"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_accumulate(*a, **k)
-
-    def compute_loss(*a, **k):  # fault="raise": rank 1 fails during step 2
+    def compute_loss(*a, **k):  # the faults' tests run one micro-batch per step (--grad-accum 1)
         calls["loss"] += 1
-        if fault == "raise" and rank == 1 and calls["loss"] == 2:
+        if fault == "sigterm" and rank == 1 and calls["loss"] == 3:  # rank 1 gets SIGTERM in step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        if fault == "raise" and rank == 1 and calls["loss"] == 2:  # rank 1 fails during step 2
             raise RuntimeError("boom on rank 1")
         return real_loss(*a, **k)
 
-    loss_mod.accumulate, loss_mod.compute_loss = accumulate, compute_loss
+    train.compute_loss = compute_loss  # the name train.py's loop calls
     code = train.main(argv)
     if code:
         sys.exit(code)

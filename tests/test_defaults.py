@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.trainer
+import engine.memory
 import predict
 import train
 from engine.build import build_model
+from engine.config import parse_train_args
 from model.precision import default_precision
 from model.quant import Int8Linear
 from tiny import make_workdir, train_args
@@ -43,9 +44,9 @@ def test_the_8bit_base_is_the_default_on_cpu_with_16bit_storage_and_fp32_compute
 
 @pytest.mark.parametrize("free_gib, on", [(0.001, True), (1000.0, False)])
 def test_checkpointing_auto_decides_by_free_memory(tiny, tmp_path, monkeypatch, capsys, free_gib, on):
-    monkeypatch.setattr(engine.trainer, "free_memory_bytes", lambda device: int(free_gib * 2**30))
+    monkeypatch.setattr(engine.memory, "free_memory_bytes", lambda device: int(free_gib * 2**30))
     seen = []
-    real = engine.trainer.build_for_training
+    real = train.build_for_training
 
     def keep(*a, **k):
         model, summary = real(*a, **k)
@@ -60,10 +61,10 @@ def test_checkpointing_auto_decides_by_free_memory(tiny, tmp_path, monkeypatch, 
 
 
 def test_checkpointing_flags_still_accepted(tiny):
-    cfg = train.parse_args(train_args(tiny, "x", "--no-grad-checkpointing"))
+    cfg = parse_train_args(train_args(tiny, "x", "--no-grad-checkpointing"))
     assert cfg.grad_checkpointing == "off"
-    assert train.parse_args(train_args(tiny, "x", "--grad-checkpointing")).grad_checkpointing == "on"
-    assert train.parse_args(train_args(tiny, "x")).grad_checkpointing == "auto"
+    assert parse_train_args(train_args(tiny, "x", "--grad-checkpointing")).grad_checkpointing == "on"
+    assert parse_train_args(train_args(tiny, "x")).grad_checkpointing == "auto"
 
 
 def test_predict_takes_the_precision_the_adapter_was_trained_at(tiny, tmp_path, capsys):

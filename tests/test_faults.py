@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import engine.checkpoint
-import engine.loss as loss_mod
 import predict
 import train
-from engine.cli import UserError
+from common.errors import UserError
 from engine.score import metrics
 from tiny import make_workdir, synthetic_rows, train_args
 
@@ -157,16 +156,16 @@ def test_11_resume_refuses_changed_data_and_accepts_the_same_file_by_another_pat
     out = tmp_path / "fp"
     a = args(tiny, out, "--steps", "3", "--save-every", "1")
     a[a.index("--data") + 1] = str(data)
-    real, calls = loss_mod.accumulate, []
+    real, calls = train.compute_loss, []
 
-    def stop_in_step_2(*x, **k):
+    def stop_in_step_2(*x, **k):  # (one micro-batch per step)
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*x, **k)
-    monkeypatch.setattr(loss_mod, "accumulate", stop_in_step_2)
+    monkeypatch.setattr(train, "compute_loss", stop_in_step_2)
     assert train.main(a) == 128 + signal.SIGTERM
-    monkeypatch.setattr(loss_mod, "accumulate", real)
+    monkeypatch.setattr(train, "compute_loss", real)
     df = pd.read_csv(data)
     df["is_correct"] = ~df["is_correct"]  # labels flipped after the stop
     df.to_csv(data, index=False)

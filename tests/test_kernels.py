@@ -354,47 +354,6 @@ def test_lora_group_equals_lora_linear_in_eval():
             lora_group(x, layers)
 
 
-# ---------------------------------------------------------------- dropout
-
-def test_dropout_bits_rate_scale_mean_and_grad():
-    from lora.lora import dropout_bits
-    x = torch.ones(1 << 20, requires_grad=True)
-    torch.manual_seed(0)
-    y = dropout_bits(x, 0.1)
-    k = round(0.1 * 65536)
-    kept = y != 0
-    rate = 1 - kept.float().mean().item()
-    assert abs(rate - k / 65536) < 5 * (0.1 * 0.9 / x.numel()) ** 0.5  # within 5 sigma of p
-    assert torch.all(y[kept] == 65536 / (65536 - k))  # kept elements scaled so E[y] = x
-    assert abs(y.mean().item() - 1) < 2e-3
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d y / d x = mask * scale
-    # The mask is a function of the seed: the same seed draws it again, another does not.
-    torch.manual_seed(0)
-    assert torch.equal(dropout_bits(x.detach(), 0.1), y.detach())
-    assert not torch.equal(dropout_bits(x.detach(), 0.1), y.detach())
-    # Four elements per 64-bit word: neighbours are not copies of each other.
-    z = dropout_bits(torch.ones(4, 4096), 0.5)
-    assert not torch.equal(z[:, 0::4] != 0, z[:, 1::4] != 0)
-
-
-def test_dropout_switch():
-    from lora.lora import dropout, dropout_bits
-    x = torch.randn(8, 33)
-    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
-    torch.manual_seed(3)
-    fast = dropout(x, 0.3)
-    torch.manual_seed(3)
-    assert torch.equal(fast, dropout_bits(x, 0.3))  # CPU default: the 16-bit draws
-    with kernels.backend("torch"):
-        torch.manual_seed(3)
-        theirs = dropout(x, 0.3)
-    torch.manual_seed(3)
-    assert torch.equal(theirs, torch.nn.functional.dropout(x, 0.3))  # KERNELS=torch: torch's (PEFT's) masks
-    with pytest.raises(ValueError, match="0, 1"):
-        dropout_bits(x, 1.0)
-
-
 if __name__ == "__main__":
     # Subprocess mode (see the module docstring): print the comparison rows as one JSON line.
     dev = "cuda" if torch.cuda.is_available() and "--interpret" not in sys.argv else "cpu"

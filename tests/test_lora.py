@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import kernels
 from lora.inject import apply_lora, count_params, lora_modules, lora_state_dict, param_summary
-from lora.io import AdapterError, load_adapter, read_adapter_config, save_adapter
+from lora.io import AdapterError, load_adapter, read_adapter_config, read_record, save_adapter
 from lora.lora import LoRALinear
 from model.config import LlamaConfig
 from model.llama import Llama
@@ -105,14 +106,13 @@ def test_scaling_rslora_and_dropout_only_on_the_adapter_input():
     m = LoRALinear(base, 4, 8, dropout=0.5).train()
     nn.init.normal_(m.lora_B.weight)
     x = torch.randn(3, 16)
-    from kernels import backend
-    from lora.lora import dropout
-    for name in ("auto", "torch"):  # CPU default: kernels' 16-bit draws; torch: F.dropout's, as PEFT
-        with backend(name):
+    from lora.lora import apply_dropout, dropout_bits, dropout_masks
+    for name in ("auto", "torch"):  # CPU default: 16-bit draws; torch: F.dropout's, as PEFT
+        with dropout_masks(name):
             torch.manual_seed(7)
             out = m(x)
             torch.manual_seed(7)
-            drop = dropout(x, 0.5) if name == "auto" else nn.functional.dropout(x, 0.5)
+            drop = dropout_bits(x, 0.5) if name == "auto" else nn.functional.dropout(x, 0.5)
         ref = base(x) + drop @ m.lora_A.weight.T @ m.lora_B.weight.T * 2.0
         torch.testing.assert_close(out, ref)
     assert "r=4" in repr(m) and "dropout=0.5" in repr(m)
@@ -235,7 +235,7 @@ def test_save_load_roundtrip_and_file_contents(tmp_path):
     x = ids()
     with torch.no_grad():
         ref = model(x)
-    save_adapter(model, tmp_path, base_model_name_or_path="tiny", extra_config={"note": "hi"})
+    save_adapter(model, tmp_path, base_model_name_or_path="tiny", record={"note": "hi"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", FILE]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert len(tensors) == 2 * 7 * 2
@@ -249,7 +249,8 @@ def test_save_load_roundtrip_and_file_contents(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (4, 8, 0.05, True)
     assert sorted(cfg["target_modules"]) == sorted(SEVEN) and cfg["base_model_name_or_path"] == "tiny"
-    assert cfg["modules_to_save"] is None and cfg["fan_in_fan_out"] is False and cfg["note"] == "hi"
+    assert cfg["modules_to_save"] is None and cfg["fan_in_fan_out"] is False
+    assert read_record(tmp_path / "adapter_model.safetensors") == {"note": "hi"}  # the header's "run"
     assert read_adapter_config(tmp_path / "adapter_model.safetensors")["r"] == 4
 
     fresh = tiny_model()  # no LoRA yet: load_adapter applies it from the config
@@ -438,6 +439,7 @@ def test_merge_cli_quantized_merges_into_dequantized_weights(base_and_adapter, t
 
 
 def test_merge_cli_errors_exit_2(base_and_adapter, tmp_path, capsys):
+    from common.errors import cli_entry
     from lora.merge import main
     base, adapter, _ = base_and_adapter
     other = tmp_path / "other"
@@ -449,6 +451,56 @@ def test_merge_cli_errors_exit_2(base_and_adapter, tmp_path, capsys):
     ]
     for extra, msg in cases:
         argv = ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o")] + extra
-        assert main(argv) == 2
+        with pytest.raises(SystemExit) as exited:  # as merge.py runs it
+            cli_entry(lambda: main(argv))
+        assert exited.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- dropout masks (lora/lora.py)
+
+def test_dropout_bits_rate_scale_mean_and_grad():
+    from lora.lora import dropout_bits
+    x = torch.ones(1 << 20, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout_bits(x, 0.1)
+    k = round(0.1 * 65536)
+    kept = y != 0
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - k / 65536) < 5 * (0.1 * 0.9 / x.numel()) ** 0.5  # within 5 sigma of p
+    assert torch.all(y[kept] == 65536 / (65536 - k))  # kept elements scaled so E[y] = x
+    assert abs(y.mean().item() - 1) < 2e-3
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x = mask * scale
+    # The mask is a function of the seed: the same seed draws it again, another does not.
+    torch.manual_seed(0)
+    assert torch.equal(dropout_bits(x.detach(), 0.1), y.detach())
+    assert not torch.equal(dropout_bits(x.detach(), 0.1), y.detach())
+    # Four elements per 64-bit word: neighbours are not copies of each other.
+    z = dropout_bits(torch.ones(4, 4096), 0.5)
+    assert not torch.equal(z[:, 0::4] != 0, z[:, 1::4] != 0)
+
+
+def test_dropout_mask_switch(monkeypatch):
+    from lora.lora import apply_dropout, dropout_bits, dropout_masks
+    x = torch.randn(8, 33)
+    assert apply_dropout(x, 0.1, training=False) is x and apply_dropout(x, 0.0) is x
+    torch.manual_seed(3)
+    fast = apply_dropout(x, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(fast, dropout_bits(x, 0.3))  # CPU default: the 16-bit draws
+    with dropout_masks("torch"):
+        torch.manual_seed(3)
+        theirs = apply_dropout(x, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(theirs, torch.nn.functional.dropout(x, 0.3))  # torch's (PEFT's) masks
+    monkeypatch.setenv("DROPOUT_MASKS", "torch")  # the environment's switch, as train.py's runs read it
+    torch.manual_seed(3)
+    assert torch.equal(apply_dropout(x, 0.3), theirs)
+    with kernels.backend("torch"):  # the kernels switch is not the mask switch
+        monkeypatch.delenv("DROPOUT_MASKS")
+        torch.manual_seed(3)
+        assert torch.equal(apply_dropout(x, 0.3), fast)
+    with pytest.raises(ValueError, match="0, 1"):
+        dropout_bits(x, 1.0)

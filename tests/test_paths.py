@@ -22,10 +22,11 @@ import train
 from data.batches import LengthGroupedSampler
 from data.prompt import IGNORE
 from engine.build import build_model
-from engine.cli import UserError
-from engine.trainer import TrainConfig, build_for_training, load_data
+from common.errors import UserError
+from engine.config import TrainConfig
+from engine.setup import build_for_training, load_data
 from lora.inject import apply_lora, lora_modules, lora_state_dict
-from lora.io import PREFIX, save_adapter
+from lora.io import PREFIX, load_adapter, save_adapter
 from model.config import LlamaConfig
 from model.llama import Llama
 from model.load import LoadError, load_model
@@ -110,7 +111,7 @@ def test_quantized_training_and_scoring(work, tmp_path, precision):
 
     saved = adapter_tensors(out)
     assert saved and any(k.endswith("lora_B.weight") for k in saved)
-    model = build_model(work / "model", precision, CPU, out)
+    model = load_adapter(build_model(work / "model", precision, CPU), out)
     params = dict(model.named_parameters())
     for key, t in saved.items():
         p = params[key[len(PREFIX):]]
@@ -344,7 +345,7 @@ def test_merge_from_a_sharded_base(sharded, tmp_path):
     ids = torch.randint(3, model.cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base = load_model(sharded, "fp32")(ids)
-        ref = build_model(sharded, "fp32", CPU, adapter)(ids)
+        ref = load_adapter(build_model(sharded, "fp32", CPU), adapter)(ids)
     assert (ref - base).abs().max() > 1e-2  # the adapter changes the logits
 
     for name, extra in (("one", []), ("shards", ["--max-shard-size", "100KB"])):

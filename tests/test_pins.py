@@ -32,8 +32,8 @@ tokenizers = pytest.importorskip("tokenizers")
 # peft calls transformers' deprecated is_gradient_checkpointing: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
-# Where the trainer's evaluation looks up the scoring function (a module-level name).
-SCORE_AT = ("engine.trainer", "score")
+# Where training's evaluation (engine/score.py: evaluate) looks up the scoring function.
+SCORE_AT = ("engine.score", "score")
 MAX_LEN = 512  # predict's --max-seq-len here: no row is cut (the reference never cuts)
 EVAL_BATCH, EVAL_CHUNK = 3, 6  # training's evaluation: 40 rows -> 7 chunks of 2 batches
 ATOL = 1e-5

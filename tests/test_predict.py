@@ -14,6 +14,7 @@ import predict
 import train
 from engine.build import build_model
 from engine.score import metrics, roc_auc, score
+from lora.io import load_adapter
 from tiny import make_workdir, synthetic_rows, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     tok = Tokenizer.from_dir(trained / "model")
     ds = RowDataset(table, Encoder(tok, DEFAULT_PROMPT, 2048, "answer"), pad_id=tok.pad_id)
     cpu = torch.device("cpu")
-    model = build_model(trained / "model", "fp32", cpu, trained / "run")
+    model = load_adapter(build_model(trained / "model", "fp32", cpu), trained / "run")
     shapes = []
     hook = model.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
     ref = score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all
@@ -85,10 +86,12 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     assert sum(b * t for b, t in shapes) == slots([np.sort(ch) for ch in chunks])  # batches by token count
     assert slots([np.sort(ch) for ch in chunks]) < slots(chunks)  # which beats batches by character count
 
-    merged = build_model(trained / "model", "fp32", cpu, trained / "run", merge=True)
+    from engine.score import score_adapters  # predict.py's path: one adapter folded into fp32 weights
     from lora.lora import LoRALinear
-    assert all(m.merged for m in merged.modules() if isinstance(m, LoRALinear))
-    np.testing.assert_allclose(score(merged, ds, 4, cpu, tok.label_ids(), progress=False), ref, atol=1e-5)
+    base = build_model(trained / "model", "fp32", cpu)
+    got = score_adapters(base, [trained / "run"], ds, 4, cpu, tok.label_ids(), merge=True)
+    assert all(m.merged for m in base.modules() if isinstance(m, LoRALinear))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_ids_default_to_row_numbers_and_existing_file_is_overwritten(trained, tmp_path, capsys):
@@ -176,14 +179,14 @@ def test_a_lone_copy_of_the_adapter_file_scores_as_its_folder(trained, tmp_path)
 
 
 def test_the_adapter_file_carries_its_run(trained):
-    from lora.io import read_adapter_config, read_run
+    from lora.io import read_adapter_config, read_record
     f = trained / "run" / "adapter_model.safetensors"
-    run = read_run(f)
+    run = read_record(f)
     assert run["max_seq_len"] == 128 and run["precision"] == "int8"  # the default
     assert run["prompt"] == (trained / "prompt.txt").read_text() and Path(run["model_dir"]).is_absolute()
     assert read_adapter_config(f)["r"] == 4
     for sub in ("best", "checkpoint"):
-        assert read_run(trained / "run" / sub) == run
+        assert read_record(trained / "run" / sub) == run
 
 
 # ---------------------------------------------------------------------------- outputs and faults
@@ -212,8 +215,8 @@ def test_outputs_that_would_overwrite_an_input_or_cannot_be_written_are_refused_
 
 
 def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_scores(trained, tmp_path, monkeypatch):
-    import engine.files
-    real = engine.files.atomic_write
+    import common.files
+    real = common.files.atomic_write
 
     def full(path, write):
         if str(path).endswith("s.csv"):
@@ -324,5 +327,5 @@ def test_training_reports_and_records_the_threshold(trained):
     recs = [json.loads(l) for l in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
     th = [r["threshold"] for r in recs if "eval" in r]
     assert th and all(t["rows"] == 40 and t["threshold"] is None for t in th)  # 40 < MIN_TUNE_ROWS: not used
-    from lora.io import read_run
-    assert read_run(trained / "run")["threshold"] is None and read_run(trained / "run")["threshold_rows"] == 40
+    from lora.io import read_record
+    assert read_record(trained / "run")["threshold"] is None and read_record(trained / "run")["threshold_rows"] == 40

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import train
 import engine.loss as loss_mod
 from engine.checkpoint import find_checkpoint
-from engine.cli import UserError
-from engine.trainer import get_lr
+from common.errors import UserError
+from engine.optim import get_lr
 from data.batches import RowDataset
 from data.prompt import Encoder
 from data.read import read_table
@@ -92,14 +92,18 @@ def test_accumulation_matches_one_big_batch(tiny, mode):
         model.zero_grad()
         n = torch.tensor(float(loss_mod.count_targets(batches)))
         assert int(n) == (4 if mode == "answer" else sum(len(ds[i]["input_ids"]) for i in rows))
-        loss = loss_mod.accumulate(model, batches, mode, "cpu", n)
+        loss = 0.0
+        for b in batches:  # as train.py's loop: each micro-batch over the whole window's count
+            part = loss_mod.compute_loss(model, b, mode, "cpu") / n
+            part.backward()
+            loss += part.item()
         grads.append(([p.grad.clone() for p in params], loss))
     assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-6)
     for a, b in zip(grads[0][0], grads[1][0]):  # (padding differs: float rounding only)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def run_cli(args, **kw):
+def cli_entry(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -131,7 +135,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
     assert train.main(base_args(tiny, ref, *common)) == 0
 
     out = tmp_path / "killed"
-    proc = run_cli(base_args(tiny, out, *common))
+    proc = cli_entry(base_args(tiny, out, *common))
     wait_for(lambda: checkpoint_step(out) >= 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -152,7 +156,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
 @pytest.mark.slow
 def test_sigterm_writes_checkpoint(tiny, tmp_path):
     out = tmp_path / "term"
-    proc = run_cli(base_args(tiny, out, "--steps", "100000", "--save-every", "100000"))
+    proc = cli_entry(base_args(tiny, out, "--steps", "100000", "--save-every", "100000"))
     wait_for(lambda: (out / "metrics.jsonl").is_file() and "loss" in (out / "metrics.jsonl").read_text(), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -162,7 +166,7 @@ def test_sigterm_writes_checkpoint(tiny, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
-    real = loss_mod.compute_loss
+    real = train.compute_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, mode, device):
@@ -170,7 +174,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
         loss = real(model, batch, mode, device)
         return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-batches each)
 
-    monkeypatch.setattr(loss_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(train, "compute_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 2.*Last good checkpoint"):
         train.main(base_args(tiny, out, "--steps", "5", "--save-every", "1"))
@@ -188,7 +192,7 @@ def test_user_errors_are_one_line(tiny, tmp_path):
 
     assert "--r must be at least 1" in err(*base_args(tiny, tmp_path / "x", "--r", "0"))
     assert "nope.csv" in err(*base_args(tiny, tmp_path / "x", "--data", str(tmp_path / "nope.csv")))
-    # The rest in-process (each subprocess pays the imports): run_cli turns these into one line.
+    # The rest in-process (each subprocess pays the imports): cli_entry turns these into one line.
     for extra, msg in ((["--model", str(tmp_path)], "not a model folder"),
                        (["--resume"], "no checkpoint"),
                        (["--targets", "qproj"], "qproj"),
@@ -210,16 +214,16 @@ def test_adamw8bit_checkpoint_resumes_exactly(tiny, tmp_path, monkeypatch):
     common = ["--steps", "4", "--save-every", "100", "--optim", "adamw8bit", "--r", "64", "--lr", "3e-3"]
     ref, out = tmp_path / "ref", tmp_path / "a8"
     assert train.main(base_args(tiny, ref, *common)) == 0
-    real, calls = loss_mod.accumulate, []
+    real, calls = train.compute_loss, []
 
     def sigterm_in_step_2(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # step 2's first micro-batch (--grad-accum 2)
             os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes this step, checkpoints, returns
         return real(*a, **k)
-    monkeypatch.setattr(loss_mod, "accumulate", sigterm_in_step_2)
+    monkeypatch.setattr(train, "compute_loss", sigterm_in_step_2)
     assert train.main(base_args(tiny, out, *common)) == 128 + signal.SIGTERM
-    monkeypatch.setattr(loss_mod, "accumulate", real)
+    monkeypatch.setattr(train, "compute_loss", real)
     assert checkpoint_step(out) == 2
     assert train.main(base_args(tiny, out, *common, "--resume")) == 0
     assert [r["loss"] for r in records(out) if "loss" in r] == [r["loss"] for r in records(ref) if "loss" in r]
@@ -240,13 +244,17 @@ def test_existing_run_is_not_clobbered_and_half_swapped_checkpoint_resumes(tiny,
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny, tmp_path, monkeypatch):
-    real = loss_mod.accumulate
+    real = train.compute_loss
 
-    def poisoned(model, *a, **k):
-        loss = real(model, *a, **k)
-        next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
-        return loss
+    class InfGrad(torch.autograd.Function):  # the loss as it is; its gradient infinite
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
 
-    monkeypatch.setattr(loss_mod, "accumulate", poisoned)
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    monkeypatch.setattr(train, "compute_loss", lambda *a, **k: InfGrad.apply(real(*a, **k)))
     with pytest.raises(UserError, match="non-finite gradient norm at step 0"):
         train.main(base_args(tiny, tmp_path / "g", "--steps", "2"))

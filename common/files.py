@@ -4,6 +4,9 @@ a half-written file or folder.
     atomic_write(path, write)       write(tmp) a temp file beside `path`, fsync, rename over it
     atomic_write_text(path, text)
     atomic_write_dir(folder, write) write(tmp) a `folder.tmp`, then swap it in (`folder.old` in between)
+    usual_permissions(path)         0666 / 0777 less the umask (mkstemp and mkdtemp make 0600 / 0700)
+
+Part of the ground floor (with common/errors.py): imports nothing of this project.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ def _umask() -> int:
     return mask
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give `path` the permissions a plain open() / mkdir() would: 0666 (files) or 0777 (folders)
+    less the umask, instead of mkstemp's 0600 or mkdtemp's 0700."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) for a temp file beside `path`, fsync it, then rename over `path`.
     The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
@@ -36,7 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # (after: a writer may have made the file anew)
+        usual_permissions(tmp)  # (after: a writer may have made the file anew)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

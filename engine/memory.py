@@ -1,0 +1,53 @@
+"""How much memory a training step needs, and whether to recompute activations in backward
+(gradient checkpointing) to fit: `--grad-checkpointing auto`."""
+from __future__ import annotations
+
+import torch
+
+AUTO_MARGIN = 0.5  # auto: off only when the extra memory without it is at most half of what is free
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the loaded model: every parameter and buffer (quantized weights as stored)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def estimate_peak_gib(model, cfg, grad_checkpointing: bool) -> float:
+    """A deliberately generous estimate of a training step's peak device memory, in GiB: weights
+    + adapter training state + activations kept for backward + the head's logits.
+
+    Activations per token and layer: the inputs of every GEMM and elementwise op of a block
+    (about 14 x hidden + 5 x intermediate values in the activation dtype) plus the LoRA adapters'
+    fp32 copies of their inputs (about 6 x hidden + intermediate). With gradient checkpointing
+    only each block's input is kept, plus one block's worth during its recompute.
+    """
+    mc, act = model.cfg, model.activation_dtype.itemsize
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adam = lora * (4 + 4 + (2 if cfg.optim == "adamw8bit" else 8))  # grad + two moments
+    tokens = cfg.batch_size * cfg.max_seq_len
+    h, i, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
+    per_layer = tokens * ((14 * h + 5 * i) * act + (6 * h + i) * 4)
+    acts = layers * tokens * h * act + per_layer if grad_checkpointing else layers * per_layer
+    head = (cfg.batch_size if cfg.loss == "answer" else 1024) * mc.vocab_size * 4 * 2
+    return (weight_bytes(model) + adam + acts + head) / 2**30
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a run could still take: free CUDA memory, or the kernel's MemAvailable on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def decide_grad_checkpointing(model, cfg, device: torch.device) -> tuple[bool, str]:
+    """(gradient checkpointing on?, why) for --grad-checkpointing auto|on|off. auto: off when the
+    generous estimate of what a step needs beyond the loaded weights, without it, is at most
+    AUTO_MARGIN of the free memory; on otherwise (an out-of-memory at step 1 costs more
+    than a slower step)."""
+    if cfg.grad_checkpointing != "auto":
+        return cfg.grad_checkpointing == "on", f"--grad-checkpointing {cfg.grad_checkpointing}"
+    need = estimate_peak_gib(model, cfg, grad_checkpointing=False) - weight_bytes(model) / 2**30
+    free = free_memory_bytes(device) / 2**30
+    on = need > AUTO_MARGIN * free
+    return on, f"auto: a step needs ~{need:.1f} GiB without it, {free:.1f} GiB free"
