@@ -30,7 +30,7 @@ from common.files import atomic_write, atomic_write_text
 from engine.build import adapter_record, build_model, check_model_dir, check_precision, load_tokenizer, resolve_device
 from engine.score import format_metrics, metrics, score_adapters
 from model.default import default_model_dir
-from model.precision import PRECISIONS, default_precision
+from model.precision import ACTIVATIONS, PRECISIONS, choose_activations, default_precision, native_bf16_feature
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "gsm8k_val.csv"
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     # compute
     p.add_argument("--precision", choices=PRECISIONS, help="storage of the block projections (default: the "
                                                           "adapter's, else int8)")
+    p.add_argument("--activations", choices=ACTIVATIONS, help="dtype an int8 / nf4 base computes in (default: "
+                                                             "the adapter's, else auto: bf16 on a GPU and on a "
+                                                             "CPU with native bf16, else fp32)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     # outputs
@@ -99,17 +102,19 @@ class Settings:
     template: str
     max_len: int
     precision: str
+    activations: str  # the activation dtype's name, and why it was chosen
+    activations_why: str
     threshold: float
     threshold_from: str
 
 
 def settings(args, device) -> Settings:
-    """The model, prompt, length and precision the adapter(s) were trained with, unless
-    overridden (then warned about), and the decision threshold."""
+    """The model, prompt, length, precision and activation dtype the adapter(s) were trained with,
+    unless overridden (then warned about), and the decision threshold."""
     runs = [adapter_record(a) for a in args.adapter or ()]
     run = runs[0] if runs else {}
     for other, a in zip(runs[1:], (args.adapter or [])[1:]):
-        for key in ("model_dir", "prompt", "max_seq_len", "precision"):
+        for key in ("model_dir", "prompt", "max_seq_len", "precision", "activations"):
             if other.get(key) != run.get(key):
                 print(f"warning: --adapter {a} was trained with {key}={other.get(key)!r}, "
                       f"{args.adapter[0]} with {run.get(key)!r}; scoring all with the first's", file=sys.stderr)
@@ -142,6 +147,7 @@ def settings(args, device) -> Settings:
     if args.precision and run.get("precision") and run["precision"] != args.precision:
         warn("precision", run["precision"], args.precision)
     check_precision(precision, device)
+    activations, activations_why = scoring_activations(args, run, precision, device)
 
     if args.threshold == "auto":
         tuned = run.get("threshold")
@@ -156,7 +162,25 @@ def settings(args, device) -> Settings:
             raise UserError(f"--threshold {args.threshold}: expected auto or a number in [0, 1]") from None
         if not 0 <= threshold <= 1:
             raise UserError(f"--threshold {args.threshold}: expected auto or a number in [0, 1]")
-    return Settings(model_dir, template, max_len, precision, threshold, where)
+    return Settings(model_dir, template, max_len, precision, activations, activations_why, threshold, where)
+
+
+def scoring_activations(args, run: dict, precision: str, device) -> tuple[str, str]:
+    """(activation dtype, why): --activations, else the adapter's (an int8 / nf4 base only: a float
+    precision computes in its own dtype), else auto. An adapter trained with bf16 activations is
+    scored in fp32 on a CPU without native bf16 (fp32 is the wider dtype; emulated bf16 would be
+    many times slower), saying so."""
+    trained = run.get("activations")
+    if args.activations:
+        if trained and trained != args.activations and precision in ("int8", "nf4"):
+            print(f"warning: the adapter was trained with activations={trained!r}, scoring with "
+                  f"{args.activations!r}", file=sys.stderr)
+        return choose_activations(precision, device, args.activations)
+    if precision not in ("int8", "nf4") or trained not in ("bf16", "fp32"):
+        return choose_activations(precision, device, "auto")
+    if trained == "bf16" and device.type == "cpu" and native_bf16_feature() is None:
+        return "fp32", "trained with bf16; this CPU has no native bf16, so fp32"
+    return trained, "as trained"
 
 
 def write_outputs(args, out: Path, ids: list, pred: np.ndarray, p_true: np.ndarray) -> None:
@@ -197,10 +221,11 @@ def main(argv=None) -> int:
 
     adapters = args.adapter or []
     merge = s.precision == "fp32" and len(adapters) == 1  # folded into the weights: the plain base's speed
-    model = build_model(s.model_dir, s.precision, device)
+    model = build_model(s.model_dir, s.precision, device, s.activations)
     def announce(i):  # once the first adapter is in place (a wrong one fails before this line)
         if i in (None, 0):
-            print(f"scoring {len(df)} rows of {args.data} with {s.model_dir.name} ({s.precision})"
+            print(f"scoring {len(df)} rows of {args.data} with {s.model_dir.name} ({s.precision}, activations "
+                  f"{s.activations}: {s.activations_why})"
                   + (f" + {' + '.join(adapters)}" + (" (merged into the weights)" if merge else "")
                      + (f", p_true averaged over {len(adapters)} adapters" if len(adapters) > 1 else "")
                      if adapters else " (no adapter: zero-shot)")

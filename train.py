@@ -42,7 +42,7 @@ from engine.score import evaluate
 from engine.setup import build_for_training, load_data, training_record, truncated_share
 from lora.io import save_adapter
 from model.default import default_model_dir
-from model.precision import default_precision
+from model.precision import choose_activations, default_precision
 
 
 # ----------------------------------------------------------------------------- the run's phases
@@ -75,7 +75,8 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
             if problem:
                 raise UserError(f"--resume: no checkpoint in {ckpt_dir} is complete ({problem})")
             saved = saved_args(ckpt_dir)
-            diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+            diff = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]  # (a newer setting
+            # than the checkpoint is not checked: its run had that setting's old behaviour)
             if diff:
                 raise UserError(f"--resume: {', '.join(map(flag, diff))} differ from the checkpoint's run "
                                 f"({ckpt_dir / 'trainer.json'})")
@@ -120,7 +121,7 @@ class TrainState:
 
 
 def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record: dict, rank: int, world: int,
-           device) -> TrainState:
+           device, activations_why: str) -> TrainState:
     """Phase 2: tokenizer, data, model + adapters, optimizer; the checkpoint's state on --resume."""
     tok = load_tokenizer(model_dir)
     train_ds, val_ds, stats = load_data(cfg, tok)
@@ -136,7 +137,7 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
     if rank == 0:
         mem = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
         print(f"model {model_dir} | {cfg.precision} on {device}" + (f" ({mem:.0f} GiB)" if mem else "")
-              + f" | {summary}\n"
+              + f", activations {cfg.activations} ({activations_why}) | {summary}\n"
               f"tokenizer {tok.path} | labels \" True\" = {tok.label_ids()[0]}, \" False\" = {tok.label_ids()[1]}\n"
               f"data: {len(train_ds)} train rows ({stats.get('skipped', 0)} skipped, ~{truncated_share(train_ds):.0%} "
               f"longer than {cfg.max_seq_len} tokens and cut), {len(val_ds)} validation rows"
@@ -179,9 +180,10 @@ def train(cfg: TrainConfig) -> int:
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     rank, world, device = setup_distributed(cfg.device)
     cfg.precision = cfg.precision or default_precision(device)
+    cfg.activations, why = choose_activations(cfg.precision, device, cfg.activations)  # recorded as resolved
     model_dir, out, ckpt_dir, record, lock = check_out_and_resume(cfg, device, rank == 0)
     try:
-        return loop(set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device))
+        return loop(set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device, why))
     finally:
         if lock:
             lock.release()

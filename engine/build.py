@@ -44,11 +44,11 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return tok
 
 
-def build_model(model_dir, precision: str, device: torch.device):
-    """The base at `precision` on `device`, frozen, in eval mode (model/precision.py decides the
-    storage and activation dtypes)."""
+def build_model(model_dir, precision: str, device: torch.device, activations: str = "auto"):
+    """The base at `precision` on `device`, frozen, in eval mode; `activations` is --activations
+    (model/precision.py decides the storage and activation dtypes)."""
     model = load_model(model_dir, precision=precision, device=device, dtype=storage_dtype(precision),
-                       compute_dtype=compute_dtype(precision, device))
+                       compute_dtype=compute_dtype(precision, device, activations))
     return model.to(device).eval()
 
 

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from common.errors import UserError
 from lora.inject import ALL_PROJECTIONS
-from model.precision import PRECISIONS
+from model.precision import ACTIVATIONS, PRECISIONS
 
 
 def setting(default, help: str, *, resume: bool = False, group: str | None = None, **flag_options):
@@ -54,6 +54,9 @@ class TrainConfig:
 
     precision: str | None = setting(None, "storage of the block projections (default: int8, on every device)",
                                     resume=True, choices=PRECISIONS, group="precision and device")
+    activations: str = setting("auto", "dtype an int8 / nf4 base computes in: auto = bf16 on a GPU and on a CPU "
+                                       "with native bf16 (avx512_bf16, amx, arm64 bf16), else fp32", resume=True,
+                               choices=ACTIVATIONS)
     device: str = setting("auto", "cuda, cpu or auto")
 
     lr: float = setting(4e-4, "peak learning rate (> 0)", resume=True, group="optimisation")

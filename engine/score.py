@@ -3,7 +3,8 @@ training's evaluation, and adapter ensembles.
 
 One forward pass per batch, no generation: at the cue ("Answer is correct (True/False only):")
 the model's logits for " True" and " False" are compared, p_true = softmax(logit(False),
-logit(True))[1]. The vocabulary head runs at that one position only. train.py's evaluation and
+logit(True))[1]. The vocabulary head runs at that one position only, and only its two label rows,
+in fp32. train.py's evaluation and
 predict.py both score with `score`, so validation numbers and predictions come from one code path.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # whole batches per chunk
     p_true = np.zeros(len(ds), dtype=np.float64)
     t_id, f_id = label_ids
+    # Only two rows of the vocabulary head matter here, so they are computed in fp32 whatever the
+    # activations: bf16 logits (~20 in size) would round to steps of 1/8, and p_true with them.
+    head = model.output_weight[[f_id, t_id]].float()  # (2, D)
     bar = tqdm(total=len(ds), desc="score", unit="row", disable=not progress, leave=False, file=sys.stderr)
     for c in range(0, len(by_chars), chunk_rows):
         part = by_chars[c:c + chunk_rows]
@@ -42,9 +46,9 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
         for s in range(0, len(by_tokens), batch_size):
             sel = by_tokens[s:s + batch_size]
             b = collate([examples[j] for j in sel], ds.pad_id)
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
-                           logits_at=b["cue_pos"].to(device))  # (B, V)
-            two = logits[:, [f_id, t_id]].float()  # (B, 2)
+            h = model.hidden(b["input_ids"].to(device), b["attention_mask"].to(device))  # (B, T, D)
+            h = h[torch.arange(len(sel), device=device), b["cue_pos"].to(device)]  # (B, D): at the cue
+            two = h.float() @ head.t()  # (B, 2): the logits of " False" and " True", in fp32
             p_true[part[sel]] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
             bar.update(len(sel))
     bar.close()

@@ -36,7 +36,8 @@ def training_record(cfg: TrainConfig, model_dir: Path) -> dict:
     return {"model_dir": str(Path(model_dir).resolve()),
             "prompt": load_prompt(cfg.prompt_file) if cfg.prompt_file else DEFAULT_PROMPT,
             "prompt_file": cfg.prompt_file and str(Path(cfg.prompt_file).resolve()),
-            "max_seq_len": cfg.max_seq_len, "precision": cfg.precision, "loss": cfg.loss,
+            "max_seq_len": cfg.max_seq_len, "precision": cfg.precision, "activations": cfg.activations,
+            "loss": cfg.loss,
             "data": {"train": fp(data), "val": fp(val) if val else None}}
 
 
@@ -73,7 +74,7 @@ def build_for_training(cfg: TrainConfig, model_dir: Path, device: torch.device):
     bad = [t for t in targets if t.split(".")[-1] not in ALL_PROJECTIONS]
     if bad:
         raise UserError(f"--targets: {', '.join(bad)} not supported (choose from {','.join(ALL_PROJECTIONS)})")
-    model = build_model(model_dir, cfg.precision, device)
+    model = build_model(model_dir, cfg.precision, device, cfg.activations)
     torch.manual_seed(cfg.seed)  # adapter init
     try:  # (apply_lora leaves only A and B trainable)
         apply_lora(model, targets=tuple(targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)

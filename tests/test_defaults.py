@@ -27,19 +27,20 @@ def tiny(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("defaults"), n_rows=80, n_val=16, seed=4)
 
 
-def test_the_8bit_base_is_the_default_on_cpu_with_16bit_storage_and_fp32_compute(tiny):
+@pytest.mark.parametrize("activations", ["fp32", "bf16"])
+def test_the_8bit_base_is_the_default_on_cpu_with_16bit_storage(tiny, activations):
     cpu = torch.device("cpu")
     assert default_precision(cpu) == "int8"
-    model = build_model(tiny / "model", default_precision(cpu), cpu)
+    model = build_model(tiny / "model", default_precision(cpu), cpu, activations)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
-    # Embeddings, norms and head stored in bf16; activations (and so logits) in fp32 on the CPU.
+    # Embeddings, norms and head stored in bf16; activations (and so logits) in the chosen dtype.
     assert model.model.embed_tokens.weight.dtype == model.model.norm.weight.dtype == torch.bfloat16
     ids = torch.tensor([[1, 5, 9, 14]])
     with torch.no_grad():
         logits = model(ids)
-        assert logits.dtype == torch.float32
+        assert logits.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[activations]
         ref = build_model(tiny / "model", "fp32", cpu)(ids)
-    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()  # int8 of a random model: close, not equal
+    assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()  # int8 of a random model: close
 
 
 @pytest.mark.parametrize("free_gib, on", [(0.001, True), (1000.0, False)])
@@ -75,7 +76,7 @@ def test_predict_takes_the_precision_the_adapter_was_trained_at(tiny, tmp_path, 
     assert predict.main(["--adapter", str(run), "--data", str(tiny / "val.csv"), "--out", str(tmp_path / "a.csv"),
                          "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "(bf16)" in err and "warning" not in err
+    assert "(bf16, activations bf16" in err and "warning" not in err
     assert predict.main(["--adapter", str(run), "--data", str(tiny / "val.csv"), "--out", str(tmp_path / "b.csv"),
                          "--device", "cpu", "--precision", "fp32"]) == 0
     assert "trained with precision='bf16', scoring with 'fp32'" in capsys.readouterr().err
