@@ -58,6 +58,9 @@ def parse_args(argv=None):
                                                              "the adapter's, else auto: bf16 on a GPU and on a "
                                                              "CPU with native bf16, else fp32)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--share-prefixes", choices=("on", "off"), default="on",
+                   help="compute once what rows start with in common (the instruction, a question with several "
+                        "solutions); off: each row whole, the same p_true to float rounding")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     # outputs
     p.add_argument("--out", default="submission.csv", help="submission file: ID,is_correct")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
                   + f"; True when p_true > {s.threshold:g} ({s.threshold_from}); tokenizer {tok.path}, labels "
                   f"\" True\" = {tok.label_ids()[0]}, \" False\" = {tok.label_ids()[1]}", file=sys.stderr)
     p_true = score_adapters(model, adapters, ds, args.batch_size, device, tok.label_ids(), merge=merge,
-                            on_loaded=announce)
+                            on_loaded=announce, share=args.share_prefixes == "on")
     bad = np.flatnonzero(~np.isfinite(p_true))
     if len(bad):
         first = ids[int(df["_row"].to_numpy()[bad[0]])]

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common.errors import UserError, cli_entry
-from data.batches import LengthGroupedSampler, RowDataset
+from data.batches import LengthGroupedSampler, RowDataset, row_tokens
+from data.read import question_codes
 from engine.build import check_model_dir, check_precision, load_tokenizer
 from engine.checkpoint import (RunLock, checkpoint_problem, disk_errors, find_checkpoint, load_checkpoint, rng_state,
                                save_checkpoint, saved_args, saved_meta)
@@ -125,7 +126,9 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
     """Phase 2: tokenizer, data, model + adapters, optimizer; the checkpoint's state on --resume."""
     tok = load_tokenizer(model_dir)
     train_ds, val_ds, stats = load_data(cfg, tok)
-    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    questions = question_codes(train_ds.df)[0] if cfg.group_by_question else None
+    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                                   questions=questions)
     model, summary = build_for_training(cfg, model_dir, device)
     model.grad_checkpointing, why = decide_grad_checkpointing(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -209,7 +212,8 @@ def loop(t: TrainState) -> int:
         lr = get_lr(t.step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup_steps, scheduler=cfg.scheduler)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [t.train_ds.batch(t.sampler.next_batch()) for _ in range(cfg.grad_accum)]
+        share = cfg.share_prefixes == "on"  # (a row's shared start is computed once per batch)
+        batches = [t.train_ds.batch(t.sampler.next_batch(), share) for _ in range(cfg.grad_accum)]
         n_targets = torch.tensor(float(count_targets(batches)), device=t.device)
         if t.world > 1:
             dist.all_reduce(n_targets)  # normalise by the whole window's targets, over all ranks
@@ -237,7 +241,7 @@ def loop(t: TrainState) -> int:
         opt.zero_grad(set_to_none=True)
         t.step += 1
 
-        log_step(t, bar, loss_sum, lr, gnorm, sum(int(b["attention_mask"].sum()) for b in batches), t0)
+        log_step(t, bar, loss_sum, lr, gnorm, sum(row_tokens(b) for b in batches), t0)
         last_step = t.step == cfg.steps
         if t.world > 1:  # every rank stops after the same step, or the others hang in all_reduce
             stop.agree(t.device)
@@ -266,7 +270,8 @@ def loop(t: TrainState) -> int:
 def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None]) -> tuple[float, int | None]:
     """Score the validation rows; the adapters saved from now on carry the tuned threshold; a new
     best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0)."""
-    m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log)
+    m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log,
+                     share=t.cfg.share_prefixes == "on")
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)

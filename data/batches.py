@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.prefixes import plan_groups
 from data.prompt import IGNORE, Encoder
 
 
@@ -31,14 +32,22 @@ class LengthGroupedSampler:
     Each epoch: permute all rows (seed + epoch), cut into mega-batches of `mega_batches`
     batches, sort each mega-batch by length (longest first), cut into batches, shuffle the
     batch order. Batches are homogeneous in length (little padding) yet the order is random.
+    With `questions` (each row's question number: train.py --group-by-question) the rows of a
+    question stay side by side -- questions permuted, rows in random order within each, a
+    mega-batch sorted by its questions' mean length -- so that a batch holds few questions and
+    its rows share them (data/prefixes.py).
     With world_size > 1 every rank walks the same global order and takes every
     world_size-th batch starting at `rank`; the tail that would give ranks unequal counts is
     dropped, so all ranks take the same number of steps.
     """
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 mega_batches: int = 64):
+                 mega_batches: int = 64, questions=None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.questions = None if questions is None else np.asarray(questions, dtype=np.int64)
+        if self.questions is not None:
+            n = np.bincount(self.questions)
+            self._question_len = np.bincount(self.questions, weights=self.lengths) / np.maximum(n, 1)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -59,12 +68,17 @@ class LengthGroupedSampler:
     def _global(self, epoch: int) -> list[np.ndarray]:
         bs = self.batch_size
         rng = np.random.default_rng(self.seed + epoch)
-        perm = rng.permutation(len(self.lengths))
+        if self.questions is None:
+            perm, key = rng.permutation(len(self.lengths)), -self.lengths
+        else:  # rows by their question's place in this epoch, then at random
+            place = rng.permutation(len(self._question_len))[self.questions]
+            perm = np.lexsort((rng.random(len(place)), place))
+            key = -self._question_len[self.questions]  # equal within a question: the sort keeps it whole
         mega = bs * self.mega_batches
         batches = []
         for s in range(0, len(perm), mega):
             chunk = perm[s:s + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            chunk = chunk[np.argsort(key[chunk], kind="stable")]
             batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -95,22 +109,50 @@ class LengthGroupedSampler:
         self._cached = (None, None)
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad examples into the batch dict the trainer and predictor consume."""
-    B = len(examples)
-    T = max(len(e["input_ids"]) for e in examples)
+def collate(examples: list[dict], pad_id: int, share: bool = False) -> dict:
+    """Right-pad examples into the batch dict the trainer and predictor consume.
+
+    share: rows that start with the same tokens compute them once (data/prefixes.py decides
+    which, and whether it pays): the batch then also holds the prefixes, `prefix_ids` and
+    `prefix_mask` (G, P), and `prefix_of` (B,), the prefix each row continues; its input_ids,
+    attention_mask, targets and cue_pos are each row's rest after its prefix."""
+    plan = plan_groups([e["input_ids"] for e in examples], [e["targets"] for e in examples], IGNORE) \
+        if share else None
+    if plan is None:
+        return _pad([e["input_ids"] for e in examples], [e["targets"] for e in examples], pad_id)
+    group_of, lens = plan
+    cut = [lens[g] for g in group_of]
+    batch = _pad([e["input_ids"][c:] for e, c in zip(examples, cut)], [e["targets"][c:] for e, c in zip(examples, cut)],
+                 pad_id)
+    first = {g: examples[b]["input_ids"][:lens[g]] for b, g in reversed(list(enumerate(group_of)))}
+    prefixes = _pad([first[g] for g in range(len(lens))], None, pad_id)
+    batch.update(prefix_ids=prefixes["input_ids"], prefix_mask=prefixes["attention_mask"],
+                 prefix_of=torch.tensor(group_of, dtype=torch.long))
+    return batch
+
+
+def row_tokens(batch: dict) -> int:
+    """The real tokens of a batch's rows, each row's shared prefix counted in full (as unshared)."""
+    n = int(batch["attention_mask"].sum())
+    if "prefix_ids" in batch:
+        n += int(batch["prefix_mask"].sum(-1)[batch["prefix_of"]].sum())
+    return n
+
+
+def _pad(ids: list[list[int]], targets: list[list[int]] | None, pad_id: int) -> dict:
+    B, T = len(ids), max(len(x) for x in ids)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        targets[b, :n] = torch.tensor(e["targets"], dtype=torch.long)
-        mask[b, :n] = True
+    out_targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, x in enumerate(ids):
+        input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[b, :len(x)] = True
+        if targets is not None:
+            out_targets[b, :len(x)] = torch.tensor(targets[b], dtype=torch.long)
     return {
         "input_ids": input_ids,  # (B, T)
         "attention_mask": mask,  # (B, T) True on real tokens
-        "targets": targets,  # (B, T) -100 where no loss
+        "targets": out_targets,  # (B, T) -100 where no loss
         "cue_pos": mask.sum(1) - 1,  # (B,) last real token = the cue
     }
 
@@ -156,9 +198,9 @@ class RowDataset:
     def __getitem__(self, i: int) -> dict:
         return self.get_batch([i])[0]
 
-    def batch(self, positions) -> dict:
-        """collate(get_batch(positions)) with the tokenizer's pad id."""
-        return collate(self.get_batch(positions), self.pad_id)
+    def batch(self, positions, share: bool = False) -> dict:
+        """collate(get_batch(positions), share=share) with the tokenizer's pad id."""
+        return collate(self.get_batch(positions), self.pad_id, share)
 
     @property
     def stats(self) -> dict:

@@ -312,6 +312,13 @@ def _read_jsonl(p: Path):
     return df, problems, lambda i: f"line {lines[i]}"
 
 
+def question_codes(df: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """(question number of each row, in first-appearance order; number of questions): rows with
+    the same question text (stripped) share a number."""
+    codes, uniq = pd.factorize(df["question"].map(str).str.strip())
+    return codes, len(uniq)
+
+
 def split_by_question(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split rows so that all rows sharing a question (stripped text) land on the same side.
 
@@ -319,16 +326,15 @@ def split_by_question(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple
     val_fraction of the rows. Same df + seed -> same split. Indexes are kept."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    key = df["question"].map(str).str.strip()
-    codes, uniq = pd.factorize(key)  # question number per row, in first-appearance order
-    if val_fraction == 0 or len(uniq) < 2:
+    codes, n = question_codes(df)
+    if val_fraction == 0 or n < 2:
         return df, df.iloc[:0]
-    counts = np.bincount(codes, minlength=len(uniq))
-    order = np.random.default_rng(seed).permutation(len(uniq))
+    counts = np.bincount(codes, minlength=n)
+    order = np.random.default_rng(seed).permutation(n)
     target = max(1, round(val_fraction * len(df)))
     k = int(np.searchsorted(np.cumsum(counts[order]), target)) + 1
-    k = min(k, len(uniq) - 1)  # keep at least one question for training
-    in_val = np.zeros(len(uniq), dtype=bool)
+    k = min(k, n - 1)  # keep at least one question for training
+    in_val = np.zeros(n, dtype=bool)
     in_val[order[:k]] = True
     mask = in_val[codes]
     return df[~mask], df[mask]

@@ -71,11 +71,18 @@ class TrainConfig:
                          choices=("adamw", "adamw8bit"))
     weight_decay: float = setting(0.0, "AdamW weight decay on A and B", resume=True)
     clip: float = setting(1.0, "gradient-norm clip (0: off)", resume=True)
+    seed: int = setting(42, "data order, split, adapter init and dropout", resume=True)
+
     grad_checkpointing: str = setting(
         "auto", "recompute each block's activations in backward: less memory, ~30%% more compute "
                 "(auto: on unless the step fits comfortably in free memory without it)",
-        choices=("auto", "on", "off"), nargs="?", const="on")
-    seed: int = setting(42, "data order, split, adapter init and dropout", resume=True)
+        choices=("auto", "on", "off"), nargs="?", const="on", group="speed and memory")
+    share_prefixes: str = setting(
+        "on", "compute once what the rows of a batch start with in common (the instruction; with "
+              "--group-by-question the question too); off gives the same numbers to float rounding, "
+              "for a check or a bug report", resume=True, choices=("on", "off"))
+    group_by_question: bool = setting(False, "put the rows of one question in the same micro-batch, so "
+                                             "that they share the question too", resume=True)
 
     eval_every: int = setting(50, "evaluate every N steps (and at 0 and the end; 0: only those)",
                               group="evaluation and checkpoints")

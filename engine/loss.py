@@ -92,14 +92,26 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return _ChunkedCE.apply(hidden, weight, targets, chunk), count
 
 
+def hidden_states(model, batch: dict, device) -> torch.Tensor:
+    """The final hidden states (B, T, D) of a batch from data/batches.py: collate. When its rows
+    share prefixes, the prefixes go first (`Llama.prefill`, once per group), then each row's
+    rest continues its prefix (`Llama.hidden(..., cache=)`): the same numbers as the whole rows."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if "prefix_ids" not in batch:
+        return model.hidden(ids, mask)
+    cache = model.prefill(batch["prefix_ids"].to(device), batch["prefix_mask"].to(device))
+    return model.hidden(ids, mask, cache=cache, cache_rows=batch["prefix_of"].to(device))
+
+
 def compute_loss(model, batch: dict, loss_mode: str, device) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (fp32)."""
-    ids, mask, targets = batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["targets"].to(device)
+    targets = batch["targets"].to(device)
+    h = hidden_states(model, batch, device)  # (B, T, D)
     if loss_mode == "answer":  # one target per row, at the cue: the head runs there only
-        logits = model(ids, mask, logits_at=batch["cue_pos"].to(device))  # (B, V)
-        return F.cross_entropy(logits.float(), targets.gather(1, batch["cue_pos"].to(device)[:, None])[:, 0],
-                               reduction="sum")
-    h = model.hidden(ids, mask)  # (B, T, D)
+        cue = batch["cue_pos"].to(device)
+        rows = torch.arange(h.shape[0], device=device)
+        logits = model.logits(h[rows, cue])  # (B, V)
+        return F.cross_entropy(logits.float(), targets[rows, cue], reduction="sum")
     total, _ = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.head_weight(), targets.reshape(-1))
     return total
 

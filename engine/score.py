@@ -12,26 +12,34 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from data.batches import RowDataset, collate
+from data.prefixes import family_batches
+from engine.loss import hidden_states
 from lora.inject import lora_modules, remove_lora
 from lora.io import load_adapter
 
 
 @torch.no_grad()
 def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-          progress: bool = True, chunk_rows: int = 1024) -> np.ndarray:
+          progress: bool = True, chunk_rows: int = 1024, share: bool = True) -> np.ndarray:
     """p_true for every row of `ds`, in row order.
 
-    Rows go in order of character length, `chunk_rows` at a time; each chunk is tokenized, then
-    re-sorted by token count and cut into batches, so a batch's rows have (nearly) the same
-    number of tokens and little of a batch is padding.
+    Rows are tokenized `chunk_rows` at a time and each chunk cut into batches. share (the
+    default): rows of one question go into the same chunk and batch, so that what they have in
+    common -- the instruction, the question -- is computed once per batch (data/prefixes.py);
+    p_true is the same as without, to float rounding. Without: rows go in order of character
+    length, and each chunk is re-sorted by token count, so that little of a batch is padding.
     """
     was_training = model.training
     model.eval()
-    by_chars = np.argsort(ds.lengths, kind="stable")
+    if share:  # a question's rows side by side (a cheap hint: the grouping itself is by token ids)
+        order = np.lexsort((ds.lengths, pd.factorize(ds.df["question"].map(str))[0]))
+    else:
+        order = np.argsort(ds.lengths, kind="stable")
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # whole batches per chunk
     p_true = np.zeros(len(ds), dtype=np.float64)
     t_id, f_id = label_ids
@@ -39,14 +47,15 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
     # activations: bf16 logits (~20 in size) would round to steps of 1/8, and p_true with them.
     head = model.output_weight[[f_id, t_id]].float()  # (2, D)
     bar = tqdm(total=len(ds), desc="score", unit="row", disable=not progress, leave=False, file=sys.stderr)
-    for c in range(0, len(by_chars), chunk_rows):
-        part = by_chars[c:c + chunk_rows]
+    for c in range(0, len(order), chunk_rows):
+        part = order[c:c + chunk_rows]
         examples = ds.get_batch(part)  # tokenizes the chunk
-        by_tokens = np.argsort([len(ex["input_ids"]) for ex in examples], kind="stable")
-        for s in range(0, len(by_tokens), batch_size):
-            sel = by_tokens[s:s + batch_size]
-            b = collate([examples[j] for j in sel], ds.pad_id)
-            h = model.hidden(b["input_ids"].to(device), b["attention_mask"].to(device))  # (B, T, D)
+        ids = [ex["input_ids"] for ex in examples]
+        batches = family_batches(ids, batch_size) if share else \
+            np.array_split(np.argsort([len(x) for x in ids], kind="stable"), range(batch_size, len(ids), batch_size))
+        for sel in batches:
+            b = collate([examples[j] for j in sel], ds.pad_id, share)
+            h = hidden_states(model, b, device)  # (B, T, D)
             h = h[torch.arange(len(sel), device=device), b["cue_pos"].to(device)]  # (B, D): at the cue
             two = h.float() @ head.t()  # (B, 2): the logits of " False" and " True", in fp32
             p_true[part[sel]] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
@@ -123,11 +132,12 @@ def format_metrics(m: dict) -> str:
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 
-def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log) -> tuple[dict, dict]:
+def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log,
+             share: bool = True) -> tuple[dict, dict]:
     """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
     threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
     "accuracy_at_threshold", "best_cut"}."""
-    p = score(model, val_ds, batch_size, device, label_ids)
+    p = score(model, val_ds, batch_size, device, label_ids, share=share)
     y = val_ds.df["is_correct"].to_numpy()
     m = metrics(y, p)
     cut, acc = best_threshold(y, p)
@@ -141,7 +151,7 @@ def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step
 
 
 def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-                   merge: bool = False, on_loaded=None) -> np.ndarray:
+                   merge: bool = False, on_loaded=None, share: bool = True) -> np.ndarray:
     """p_true of the base `model` with each adapter in turn, averaged (the base alone without any).
 
     The base is loaded once; each adapter is put on it, scored and taken off again. An ensemble
@@ -151,7 +161,7 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
     away, and an int8 or nf4 weight cannot take it without re-quantizing).
     """
     if not adapters:
-        return score(model, ds, batch_size, device, label_ids)
+        return score(model, ds, batch_size, device, label_ids, share=share)
     total = np.zeros(len(ds))
     for i, a in enumerate(adapters):
         load_adapter(model, a)
@@ -161,7 +171,7 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
             for m in lora_modules(model).values():
                 m.merge()
         model.to(device).eval()
-        total += score(model, ds, batch_size, device, label_ids)
+        total += score(model, ds, batch_size, device, label_ids, share=share)
         if len(adapters) > 1:
             remove_lora(model)
     return total / len(adapters)

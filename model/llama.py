@@ -8,12 +8,15 @@ HF checkpoints are stored for that layout, so no Q/K permutation is needed here;
 in Meta's or llama.cpp's interleaved layout must be permuted by its converter (model/default.py).
 
 Positions come from the attention mask, so a left- or right-padded row gets the same outputs
-as the unpadded row. Nothing is a buffer: the model can be built on `meta` and loaded with
+as the unpadded row. A key/value cache (`prefill`, then `hidden(..., cache=)`) lets rows that
+start with the same tokens -- the prompt's instruction, a question with several solutions --
+compute that prefix once (data/prefixes.py decides which rows share what). Nothing is a buffer: the model can be built on `meta` and loaded with
 `load_state_dict(assign=True)` (model/load.py).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,18 +116,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        """(output, this call's keys, values). past_k / past_v (B, n_kv, P, hd): a cached prefix
+        of each row (KVCache), attended to before the row's own tokens; `mask` then covers both."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
+        new_k, new_v = k, v  # what a prefix pass keeps as its cache (after RoPE)
+        if past_k is not None:  # the prefix's keys and values come first: keys [prefix | own]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, n_kv, P + T, hd)
         # GQA: each group of n_heads / n_kv query heads reads one K/V head (no repeat copy).
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), new_k, new_v
 
 
 class MLP(nn.Module):
@@ -147,9 +155,46 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        """(output, this block's keys, values): see Attention.forward."""
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+@dataclass
+class KVCache:
+    """Prefixes computed once (Llama.prefill): each layer's keys and values after RoPE, (G, n_kv,
+    P, hd) each, and the number of real tokens of each prefix (G,); the rest of P is padding."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: torch.Tensor
+
+
+def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       past: torch.Tensor | None = None, past_slots: int = 0):
+    """(positions (B, T), attention mask (B, 1, T, past_slots + T) bool, or None for plain causal).
+
+    Positions come from the attention mask (True on real tokens), so right padding changes nothing.
+    With a prefix, `past` (B,) counts each row's real prefix tokens among the `past_slots` cached
+    ones: the row's positions continue from there, and query t sees those prefix keys and its own
+    real tokens up to t -- never another prefix's padding. (SDPA's is_causal would align its
+    triangle top-left when query and key lengths differ, so a prefix always gets an explicit mask.)
+    """
+    (B, T), device = input_ids.shape, input_ids.device
+    if past is None and (attention_mask is None or bool(attention_mask.all())):
+        return torch.arange(T, device=device).expand(B, T), None  # plain causal: SDPA's fastest kernel
+    real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & real[:, None, None, :]  # (B, 1, T, T)
+    # A padding query with no visible key would softmax over nothing (NaN); let it see itself.
+    # Real tokens never attend to padding either way.
+    own = own | torch.eye(T, dtype=torch.bool, device=device)
+    if past is None:
+        return positions, own
+    seen = torch.arange(past_slots, device=device)[None, :] < past[:, None]  # (B, P): the row's own prefix
+    prefix = seen[:, None, None, :].expand(B, 1, T, past_slots)
+    return positions + past[:, None], torch.cat([prefix, own], dim=-1)  # (B, 1, T, P + T)
 
 
 class Llama(nn.Module):
@@ -178,30 +223,45 @@ class Llama(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D)."""
-        B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        if attention_mask is None or bool(attention_mask.all()):
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-            mask = None  # plain causal: lets SDPA pick its fastest kernel
-        else:
-            attention_mask = attention_mask.bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            mask = causal & attention_mask[:, None, None, :]  # (B, 1, T, T)
-            # A padding query with no visible key would softmax over nothing (NaN); let it see
-            # itself. Real tokens never attend to padding either way.
-            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cache: KVCache | None = None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D). With `cache` (from `prefill`), each row b continues
+        the cached prefix number cache_rows[b]: its tokens sit at the positions after that prefix
+        and attend to it, so the result is that of the whole row [prefix | input_ids]."""
+        x = self._embed(input_ids)  # (B, T, D)
+        past = None if cache is None else cache.lengths[cache_rows]  # (B,) prefix tokens before each row
+        positions, mask = positions_and_mask(input_ids, attention_mask, past,
+                                             0 if cache is None else cache.keys[0].shape[2])
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
-        for block in self.model.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = recompute_in_backward(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask)
+        for i, block in enumerate(self.model.layers):
+            past_kv = () if cache is None else (cache.keys[i][cache_rows], cache.values[i][cache_rows])
+            x, _, _ = self._block(block, x, cos, sin, mask, *past_kv)
         return self.model.norm(x)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> KVCache:
+        """The key/value cache of a batch of prefixes (G, P): a forward pass over them that keeps
+        each layer's keys and values (after RoPE) for `hidden(..., cache=)`. Differentiable: in
+        training the gradient of every row that reads a prefix flows back into it, summed."""
+        x = self._embed(input_ids)
+        positions, mask = positions_and_mask(input_ids, attention_mask)
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        keys, values = [], []
+        for block in self.model.layers:
+            x, k, v = self._block(block, x, cos, sin, mask)
+            keys.append(k)
+            values.append(v)
+        G, P = input_ids.shape
+        lengths = torch.full((G,), P, device=input_ids.device) if attention_mask is None else attention_mask.sum(-1)
+        return KVCache(keys, values, lengths)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        return x if self.compute_dtype is None else x.to(self.compute_dtype)
+
+    def _block(self, block: Block, *args):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return recompute_in_backward(block, *args, use_reentrant=False)
+        return block(*args)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()

@@ -73,9 +73,9 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
     model = load_adapter(build_model(trained / "model", "fp32", cpu), trained / "run")
     shapes = []
     hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
-    ref = score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all
+    ref = score(model, ds, 1, cpu, tok.label_ids(), progress=False)  # no padding at all (and no sharing)
     shapes.clear()
-    got = score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8)  # 3 chunks
+    got = score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8, share=False)  # 3 chunks
     hook.remove()
     np.testing.assert_allclose(got, ref, atol=1e-5)  # written back in row order across chunks
     n_tok = np.array([len(ds[i]["input_ids"]) for i in range(len(ds))])
@@ -85,6 +85,8 @@ def test_score_batches_by_token_count_and_merge_keeps_scores(trained, tmp_path):
         return sum(4 * max(ch[k:k + 4]) for ch in chunks for k in (0, 4))
     assert sum(b * t for b, t in shapes) == slots([np.sort(ch) for ch in chunks])  # batches by token count
     assert slots([np.sort(ch) for ch in chunks]) < slots(chunks)  # which beats batches by character count
+    shared = score(model, ds, 4, cpu, tok.label_ids(), progress=False, chunk_rows=8)  # the default: shared prefixes
+    np.testing.assert_allclose(shared, ref, atol=1e-5)
 
     from engine.score import score_adapters  # predict.py's path: one adapter folded into fp32 weights
     from lora.lora import LoRALinear
