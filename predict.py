@@ -234,14 +234,17 @@ def main(argv=None) -> int:
                      if adapters else " (no adapter: zero-shot)")
                   + f"; True when p_true > {s.threshold:g} ({s.threshold_from}); tokenizer {tok.path}, labels "
                   f"\" True\" = {tok.label_ids()[0]}, \" False\" = {tok.label_ids()[1]}", file=sys.stderr)
+    counts = {}
     p_true = score_adapters(model, adapters, ds, args.batch_size, device, tok.label_ids(), merge=merge,
-                            on_loaded=announce, share=args.share_prefixes == "on")
+                            on_loaded=announce, share=args.share_prefixes == "on", counts=counts)
     bad = np.flatnonzero(~np.isfinite(p_true))
     if len(bad):
         first = ids[int(df["_row"].to_numpy()[bad[0]])]
         raise UserError(f"the model gave non-finite logits for {len(bad)} of {len(df)} rows (first: ID {first!r}); "
                         f"check the model's weights and --precision")
-    print(f"rows truncated to {s.max_len} tokens: {ds.stats['truncated']}", file=sys.stderr)
+    print(f"rows truncated to {s.max_len} tokens: {ds.stats['truncated']}; the model computed "
+          f"{counts.get('computed', 0):,} of the rows' {counts.get('row_tokens', 0):,} tokens"
+          + (" (shared prefixes once)" if args.share_prefixes == "on" else ""), file=sys.stderr)
 
     # One line per input row, in input order; rows skipped as bad get the fallback.
     pred, probs = np.full(n_total, FALLBACK), np.full(n_total, float(FALLBACK))

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from data.batches import RowDataset, collate
+from data.batches import RowDataset, collate, row_tokens
 from data.prefixes import family_batches
 from engine.loss import hidden_states
 from lora.inject import lora_modules, remove_lora
@@ -25,7 +25,7 @@ from lora.io import load_adapter
 
 @torch.no_grad()
 def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-          progress: bool = True, chunk_rows: int = 1024, share: bool = True) -> np.ndarray:
+          progress: bool = True, chunk_rows: int = 1024, share: bool = True, counts: dict | None = None) -> np.ndarray:
     """p_true for every row of `ds`, in row order.
 
     Rows are tokenized `chunk_rows` at a time and each chunk cut into batches. share (the
@@ -33,6 +33,8 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
     common -- the instruction, the question -- is computed once per batch (data/prefixes.py);
     p_true is the same as without, to float rounding. Without: rows go in order of character
     length, and each chunk is re-sorted by token count, so that little of a batch is padding.
+    counts: if given, gets `row_tokens` (the rows' real tokens) and `computed` (the real tokens the
+    model computed: shared prefixes once) added to it.
     """
     was_training = model.training
     model.eval()
@@ -55,6 +57,10 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
             np.array_split(np.argsort([len(x) for x in ids], kind="stable"), range(batch_size, len(ids), batch_size))
         for sel in batches:
             b = collate([examples[j] for j in sel], ds.pad_id, share)
+            if counts is not None:
+                counts["row_tokens"] = counts.get("row_tokens", 0) + row_tokens(b)
+                counts["computed"] = counts.get("computed", 0) + int(b["attention_mask"].sum()) + \
+                    (int(b["prefix_mask"].sum()) if "prefix_ids" in b else 0)
             h = hidden_states(model, b, device)  # (B, T, D)
             h = h[torch.arange(len(sel), device=device), b["cue_pos"].to(device)]  # (B, D): at the cue
             two = h.float() @ head.t()  # (B, 2): the logits of " False" and " True", in fp32
@@ -151,7 +157,8 @@ def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step
 
 
 def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-                   merge: bool = False, on_loaded=None, share: bool = True) -> np.ndarray:
+                   merge: bool = False, on_loaded=None, share: bool = True, counts: dict | None = None
+                   ) -> np.ndarray:
     """p_true of the base `model` with each adapter in turn, averaged (the base alone without any).
 
     The base is loaded once; each adapter is put on it, scored and taken off again. An ensemble
@@ -161,7 +168,7 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
     away, and an int8 or nf4 weight cannot take it without re-quantizing).
     """
     if not adapters:
-        return score(model, ds, batch_size, device, label_ids, share=share)
+        return score(model, ds, batch_size, device, label_ids, share=share, counts=counts)
     total = np.zeros(len(ds))
     for i, a in enumerate(adapters):
         load_adapter(model, a)
@@ -171,7 +178,7 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
             for m in lora_modules(model).values():
                 m.merge()
         model.to(device).eval()
-        total += score(model, ds, batch_size, device, label_ids, share=share)
+        total += score(model, ds, batch_size, device, label_ids, share=share, counts=counts if i == 0 else None)
         if len(adapters) > 1:
             remove_lora(model)
     return total / len(adapters)
