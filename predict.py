@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 def check_paths(args) -> Path:
     """Before anything is loaded: the inputs exist, and the outputs can be written and overwrite
-    no input."""
+    no input and not each other."""
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     for a in args.adapter or ():
@@ -75,6 +75,8 @@ def check_paths(args) -> Path:
             raise UserError(f"--adapter {a}: no such file or folder")
     inputs = [Path(args.data), *(Path(a) for a in args.adapter or ()), *([Path(args.model)] if args.model else [])]
     out = Path(args.out)
+    if args.metrics and Path(args.metrics).resolve() == out.resolve():  # the metrics would replace the submission
+        raise UserError(f"--metrics {args.metrics} is the --out file; give the metrics another name")
     for flag, path in (("--out", out), ("--metrics", Path(args.metrics) if args.metrics else None)):
         if path is None:
             continue

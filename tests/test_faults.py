@@ -237,3 +237,20 @@ def test_12_a_broken_record_with_a_readable_id_keeps_its_line(tiny, tmp_path):
     assert sub["ID"].tolist() == want
     assert sub.loc[2, "is_correct"] == "False"  # the stated fallback
     assert sub.loc[[0, 1, 3, 4, 5], "p_true"].ne(0).all()
+
+
+# ============================================================================ round 3 (issue 25)
+# test_r3_N: case N of the third outside battery.
+
+def predict_args(tiny, out, *extra):
+    return ["--model", str(tiny / "model"), "--device", "cpu", "--data", str(tiny / "val.csv"), "--out", str(out),
+            *extra]
+
+
+def test_r3_1_the_metrics_file_may_not_be_the_submission(tiny, tmp_path, monkeypatch):
+    import engine.build
+    monkeypatch.setattr(engine.build, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"--metrics \./result.csv is the --out file"):
+        predict.main(predict_args(tiny, "result.csv", "--metrics", "./result.csv"))
+    assert not (tmp_path / "result.csv").exists()
