@@ -40,7 +40,7 @@ from engine.memory import decide_grad_checkpointing, estimate_peak_gib
 from engine.optim import get_lr, make_optimizer
 from engine.score import evaluate
 from engine.setup import build_for_training, load_data, training_record, truncated_share
-from lora.io import save_adapter
+from lora.io import read_record, save_adapter
 from model.default import default_model_dir
 from model.precision import default_precision
 
@@ -84,6 +84,9 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
                 if then and now and (then["size"], then["blake2b"]) != (now["size"], now["blake2b"]):
                     raise UserError(f"--resume: {now['path']} changed since the checkpoint was written "
                                     f"(size or content differs); resume with the same data or start afresh")
+            # What the evaluations added to the record (the tuned threshold) lives in the checkpoint's
+            # adapter header: every adapter written from now on carries it, the final one included.
+            record = {**read_record(ckpt_dir), **record}
             if main_proc:
                 print(f"resuming from {ckpt_dir} (step {saved_meta(ckpt_dir)['step']})", file=sys.stderr)
         if main_proc:

@@ -254,3 +254,20 @@ def test_r3_1_the_metrics_file_may_not_be_the_submission(tiny, tmp_path, monkeyp
     with pytest.raises(UserError, match=r"--metrics \./result.csv is the --out file"):
         predict.main(predict_args(tiny, "result.csv", "--metrics", "./result.csv"))
     assert not (tmp_path / "result.csv").exists()
+
+
+def test_r3_2_the_tuned_threshold_survives_every_resume(tiny, tmp_path, monkeypatch):
+    import engine.score
+    from lora.io import read_record
+    monkeypatch.setattr(engine.score, "MIN_TUNE_ROWS", 1)  # tune on the tiny validation set
+    out = tmp_path / "th"
+    a = args(tiny, out, "--steps", "2")
+    assert train.main(a) == 0
+    tuned = {k: read_record(out)[k] for k in ("threshold", "threshold_rows")}
+    assert tuned["threshold"] is not None
+    assert train.main(a + ["--resume"]) == 0  # a finished run resumed: the final adapter is written again
+    assert {k: read_record(out).get(k) for k in tuned} == tuned
+    for f in ("adapter_model.safetensors", "adapter_config.json", "summary.json"):
+        (out / f).unlink()  # killed after the last checkpoint, before the final adapter
+    assert train.main(a + ["--resume"]) == 0
+    assert {k: read_record(out).get(k) for k in tuned} == tuned
