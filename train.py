@@ -39,7 +39,7 @@ from engine.loss import compute_loss, count_targets
 from engine.memory import decide_grad_checkpointing, estimate_peak_gib
 from engine.optim import get_lr, make_optimizer
 from engine.score import evaluate
-from engine.setup import build_for_training, load_data, training_record, truncated_share
+from engine.setup import build_for_training, clear_run, load_data, training_record, truncated_share
 from lora.io import read_record, save_adapter
 from model.default import default_model_dir
 from model.precision import default_precision
@@ -89,6 +89,10 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
             record = {**read_record(ckpt_dir), **record}
             if main_proc:
                 print(f"resuming from {ckpt_dir} (step {saved_meta(ckpt_dir)['step']})", file=sys.stderr)
+        if main_proc and cfg.overwrite and cfg.resume is None:
+            removed = clear_run(out)  # (under the lock: no other run is writing here)
+            if removed:
+                print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
         if main_proc:
             (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir.resolve())},
                                                       indent=1))

@@ -2,6 +2,7 @@
 it writes carries), its rows, and the base model with fresh adapters."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from engine.build import build_model
 from engine.checkpoint import fingerprint
 from engine.config import TrainConfig
 from lora.inject import ALL_PROJECTIONS, apply_lora, param_summary
+from lora.io import CONFIG_NAME, WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN, DEFAULT_VAL = REPO / "data" / "gsm8k_train.csv", REPO / "data" / "gsm8k_val.csv"
@@ -24,6 +26,28 @@ def data_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """(training file, validation file or None for a split of the training file)."""
     data = Path(cfg.data) if cfg.data else DEFAULT_TRAIN
     return data, Path(cfg.val_file) if cfg.val_file else (DEFAULT_VAL if cfg.data is None else None)
+
+
+# What a run writes into its --out (train.py, engine/log.py, engine/checkpoint.py and what a crash in
+# its atomic_write_dir leaves), the results first: --overwrite removes these and nothing else.
+RUN_OUTPUTS = (WEIGHTS_NAME, CONFIG_NAME, "summary.json", "best", "loss.png", "checkpoint", "checkpoint.tmp",
+               "checkpoint.old", "metrics.jsonl", "args.json")
+
+
+def clear_run(out: Path) -> list[str]:
+    """Delete the previous run's outputs (RUN_OUTPUTS) from `out`, so that none of them can be taken
+    for the new run's; any other file stays. Returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def training_record(cfg: TrainConfig, model_dir: Path) -> dict:

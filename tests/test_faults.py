@@ -271,3 +271,20 @@ def test_r3_2_the_tuned_threshold_survives_every_resume(tiny, tmp_path, monkeypa
         (out / f).unlink()  # killed after the last checkpoint, before the final adapter
     assert train.main(a + ["--resume"]) == 0
     assert {k: read_record(out).get(k) for k in tuned} == tuned
+
+
+def test_r3_3_overwrite_leaves_nothing_of_the_old_run(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "over"
+    assert train.main(args(tiny, out, "--steps", "2", "--save-every", "1")) == 0
+    (out / "notes.txt").write_text("mine")  # not the run's: stays
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the new run dies at its first step, after its step-0 evaluation
+    monkeypatch.setattr(train, "compute_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(tiny, out, "--steps", "2", "--overwrite"))
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [".lock", "args.json", "best", "metrics.jsonl", "notes.txt"], left
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0]
+    with pytest.raises(UserError, match="no adapter_model.safetensors"):  # not the old run's adapter
+        predict.main(predict_args(tiny, tmp_path / "s.csv", "--adapter", str(out)))
