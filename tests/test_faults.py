@@ -288,3 +288,49 @@ def test_r3_3_overwrite_leaves_nothing_of_the_old_run(tiny, tmp_path, monkeypatc
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0]
     with pytest.raises(UserError, match="no adapter_model.safetensors"):  # not the old run's adapter
         predict.main(predict_args(tiny, tmp_path / "s.csv", "--adapter", str(out)))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    """A random adapter for the tiny model (B != 0, so a merge changes the weights)."""
+    from lora.inject import apply_lora, lora_modules
+    from lora.io import save_adapter
+    from model.load import load_model
+    torch.manual_seed(0)
+    model = apply_lora(load_model(tiny / "model", "fp32"), r=4, alpha=8, dropout=0.0)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter")).parent
+
+
+def merge(tiny, adapter, out, *extra):
+    from lora.merge import main
+    return main(["--model", str(tiny / "model"), "--adapter", str(adapter), "--out", str(out), *extra])
+
+
+def test_r3_4_a_merge_goes_into_a_new_or_empty_folder_only(tiny, adapter, tmp_path):
+    from model.load import load_model
+    out = tmp_path / "merged"
+    assert merge(tiny, adapter, out, "--max-shard-size", "100KB") == 0
+    for f in out.glob("*.safetensors"):  # the shards removed, the old index left behind
+        f.unlink()
+    with pytest.raises(UserError, match=r"merged is not empty \(it holds config.json, model.safetensors.index.json"):
+        merge(tiny, adapter, out)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    with pytest.raises(UserError, match=r"mine is not empty \(it holds config.json\)"):
+        merge(tiny, adapter, mine)
+    assert (mine / "config.json").read_text() == '{"mine": true}'
+    shutil.rmtree(out)
+    out.mkdir()  # an empty folder is fine
+    assert merge(tiny, adapter, out) == 0 and load_model(out, "fp32") is not None
+
+
+def test_r3_12_a_merge_out_that_is_or_is_under_a_file_is_one_line(tiny, adapter, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match=r"--out .*afile: exists and is not a folder"):
+        merge(tiny, adapter, afile)
+    with pytest.raises(UserError, match=r"--out .*afile/sub: cannot create it \(Not a directory\)"):
+        merge(tiny, adapter, afile / "sub")
