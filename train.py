@@ -38,7 +38,7 @@ from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
 from engine.memory import decide_grad_checkpointing, estimate_peak_gib
 from engine.optim import get_lr, make_optimizer
-from engine.score import evaluate
+from engine.score import NonFiniteScores, evaluate
 from engine.setup import build_for_training, clear_run, load_data, training_record, truncated_share
 from lora.io import read_record, save_adapter
 from model.default import default_model_dir
@@ -271,7 +271,11 @@ def loop(t: TrainState) -> int:
 def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None]) -> tuple[float, int | None]:
     """Score the validation rows; the adapters saved from now on carry the tuned threshold; a new
     best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0)."""
-    m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log)
+    try:
+        m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log)
+    except NonFiniteScores as e:  # never a "best", never a threshold: stop
+        cause = "the base model's weights are not usable" if t.step == 0 else "lower --lr or --alpha"
+        raise UserError(f"{e} ({cause}); stopping. {last_good(t)}") from None
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
@@ -291,7 +295,11 @@ def log_step(t: TrainState, bar, loss: float, lr: float, gnorm: float, n_tokens:
 
 
 def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
-    """The checkpoint at t.step, with every rank's RNG; rank 0 writes it. Returns its folder."""
+    """The checkpoint at t.step, with every rank's RNG; rank 0 writes it. Returns its folder.
+    An adapter that is no longer finite is never saved (every rank holds the same one: all stop)."""
+    if not torch.stack([p.isfinite().all() for p in t.params]).all():
+        raise UserError(f"the adapter is no longer finite at step {t.step} (the update overflowed: lower "
+                        f"--lr or --alpha); stopping before it is saved. {last_good(t)}")
     rngs = [rng_state(t.device)]
     if t.world > 1:  # each rank's dropout RNG, so every rank resumes its own stream
         rngs = [None] * t.world
@@ -304,7 +312,10 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
 
 
 def last_good(t: TrainState) -> str:
-    return f"Last good checkpoint: {t.ckpt_dir}" if t.ckpt_dir.exists() else "No checkpoint was written yet."
+    """The newest checkpoint, by its step: save_all_ranks writes only finite adapters."""
+    if checkpoint_problem(t.ckpt_dir) is not None:
+        return "No checkpoint was written yet."
+    return f"Last good checkpoint: {t.ckpt_dir} (step {saved_meta(t.ckpt_dir)['step']})."
 
 
 if __name__ == "__main__":

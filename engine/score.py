@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
 from data.batches import RowDataset, collate
 from lora.inject import lora_modules, remove_lora
 from lora.io import load_adapter
@@ -119,11 +120,18 @@ def format_metrics(m: dict) -> str:
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 
+class NonFiniteScores(UserError):
+    """An evaluation whose p_true is NaN or infinite for some rows: no metric of it means anything."""
+
+
 def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log) -> tuple[dict, dict]:
     """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
     threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
     "accuracy_at_threshold", "best_cut"}."""
     p = score(model, val_ds, batch_size, device, label_ids)
+    bad = int((~np.isfinite(p)).sum())
+    if bad:  # NaN > t is False for every t: these rows would count as predicted False, silently
+        raise NonFiniteScores(f"step {step}: the model gave non-finite p_true for {bad} of {len(p)} validation rows")
     y = val_ds.df["is_correct"].to_numpy()
     m = metrics(y, p)
     cut, acc = best_threshold(y, p)

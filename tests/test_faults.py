@@ -334,3 +334,20 @@ def test_r3_12_a_merge_out_that_is_or_is_under_a_file_is_one_line(tiny, adapter,
         merge(tiny, adapter, afile)
     with pytest.raises(UserError, match=r"--out .*afile/sub: cannot create it \(Not a directory\)"):
         merge(tiny, adapter, afile / "sub")
+
+
+def test_r3_5_non_finite_scores_or_adapter_stop_the_run_naming_the_step(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "huge"
+    # A finite adapter so large that the logits overflow: the evaluation at step 1 sees NaN.
+    with pytest.raises(UserError, match=r"step 1: the model gave non-finite p_true for 20 of 20 validation rows "
+                                        r"\(lower --lr or --alpha\); stopping. No checkpoint was written yet"):
+        train.main(args(tiny, out, "--steps", "1", "--lr", "1e30"))
+    evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert evals == [0] and not (out / "summary.json").exists()
+    # An update that makes the adapter itself non-finite is never checkpointed: the error names the last one.
+    real = train.get_lr
+    monkeypatch.setattr(train, "get_lr", lambda step, **k: float("inf") if step == 1 else real(step, **k))
+    with pytest.raises(UserError, match=r"adapter is no longer finite at step 2 .* Last good checkpoint: "
+                                        r".*checkpoint \(step 1\)"):
+        train.main(args(tiny, out, "--steps", "3", "--save-every", "1", "--overwrite"))
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 1
