@@ -351,3 +351,18 @@ def test_r3_5_non_finite_scores_or_adapter_stop_the_run_naming_the_step(tiny, tm
                                         r".*checkpoint \(step 1\)"):
         train.main(args(tiny, out, "--steps", "3", "--save-every", "1", "--overwrite"))
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("key, value, msg", [
+    ("bos_token_id", 128000, r"bos_token_id 128000 is outside the vocabulary of .*tokenizer.json \(302 tokens\)"),
+    ("eos_token_id", [2, 128009], r"eos_token_id 128009 is outside the vocabulary of .*tokenizer.json \(302 tokens\)"),
+    ("bos_token_id", 5, r"bos_token_id 5, but .*tokenizer.json \(with its tokenizer_config.json\) has BOS 1"),
+    ("eos_token_id", 7, r"eos_token_id 7, but .*tokenizer.json \(with its tokenizer_config.json\) has EOS 2")])
+def test_r3_6_special_ids_that_disagree_with_the_tokenizer_are_refused(tiny, tmp_path, key, value, msg):
+    other = tmp_path / "other"
+    shutil.copytree(tiny / "model", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg[key] = value
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=rf"{other / 'config.json'}: {msg}: a tokenizer from another model\?"):
+        predict.main(predict_args(tiny, tmp_path / "s.csv", "--model", str(other)))
