@@ -152,6 +152,8 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
               f"estimated peak memory {estimate_peak_gib(model, cfg, model.grad_checkpointing):.1f} GiB | "
               f"gradient checkpointing {'on' if model.grad_checkpointing else 'off'} ({why})",
               file=sys.stderr)
+        if stats.get("overlap"):
+            print(stats["overlap"], file=sys.stderr)
     return TrainState(cfg, model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log, record,
                       model_dir, out, ckpt_dir, rank, world, device)
 

@@ -75,6 +75,8 @@ def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
         df, val_df = split_by_question(df, cfg.val_fraction, cfg.seed)
     if cfg.val_rows and len(val_df) > cfg.val_rows:
         val_df = val_df.sample(n=cfg.val_rows, random_state=cfg.seed).sort_index()
+    if val_file:
+        stats["overlap"] = overlap_warning(df, val_df, data, val_file)
     if len(val_df) == 0 or len(df) == 0:
         side = "validation" if len(val_df) == 0 else "training"
         raise UserError(f"{data}: no {side} rows left after splitting {len(df) + len(val_df)} row(s) by question "
@@ -82,6 +84,22 @@ def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
     train_ds = RowDataset(df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, cfg.loss), pad_id=tok.pad_id)
     val_ds = RowDataset(val_df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, "answer"), pad_id=tok.pad_id)
     return train_ds, val_ds, stats
+
+
+def overlap_warning(train_df, val_df, data: Path, val_file: Path) -> str | None:
+    """A warning when validation rows (or their questions) also occur in the training rows: their
+    metrics and the threshold tuned on them would be training metrics. (A split of --data is by
+    question, so only a --val-file can overlap.)"""
+    questions = val_df["question"].drop_duplicates()
+    same_question = train_df[train_df["question"].isin(questions)]  # (few rows: the merge stays cheap)
+    if not len(same_question):
+        return None
+    shared = int(questions.isin(same_question["question"]).sum())
+    key = ["question", "answer", "solution"]
+    rows = int(val_df[key].merge(same_question[key].drop_duplicates(), on=key).shape[0])
+    return (f"warning: {rows} of {len(val_df)} validation rows of {val_file} also occur in the training data "
+            f"{data}, and {shared} of {len(questions)} of their questions: the validation metrics and the tuned "
+            f"threshold are partly training metrics")
 
 
 def truncated_share(ds: RowDataset, n: int = 200) -> float:

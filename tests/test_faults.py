@@ -366,3 +366,21 @@ def test_r3_6_special_ids_that_disagree_with_the_tokenizer_are_refused(tiny, tmp
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=rf"{other / 'config.json'}: {msg}: a tokenizer from another model\?"):
         predict.main(predict_args(tiny, tmp_path / "s.csv", "--model", str(other)))
+
+
+def test_r3_7_validation_rows_that_occur_in_training_are_warned_about(tiny, tmp_path, capsys):
+    a = args(tiny, tmp_path / "same", "--steps", "1")
+    a[a.index("--val-file") + 1] = str(tiny / "train.csv")  # validation = training
+    assert train.main(a) == 0
+    n = len(pd.read_csv(tiny / "train.csv"))
+    q = pd.read_csv(tiny / "train.csv")["question"].nunique()
+    assert (f"warning: {n} of {n} validation rows of {tiny / 'train.csv'} also occur in the training data "
+            f"{tiny / 'train.csv'}, and {q} of {q} of their questions") in capsys.readouterr().err
+    mixed = tmp_path / "mixed.csv"  # two training rows among the validation rows
+    pd.concat([pd.read_csv(tiny / "val.csv"), pd.read_csv(tiny / "train.csv").iloc[:2]]).to_csv(mixed, index=False)
+    a = args(tiny, tmp_path / "mixed", "--steps", "1")
+    a[a.index("--val-file") + 1] = str(mixed)
+    assert train.main(a) == 0
+    assert "warning: 2 of 22 validation rows" in capsys.readouterr().err
+    assert train.main(args(tiny, tmp_path / "apart", "--steps", "1")) == 0
+    assert "also occur in the training data" not in capsys.readouterr().err
