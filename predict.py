@@ -68,8 +68,9 @@ def parse_args(argv=None):
 def check_paths(args) -> Path:
     """Before anything is loaded: the inputs exist, and the outputs can be written and overwrite
     no input and not each other."""
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-seq-len", args.max_seq_len)):
+        if value is not None and value < 1:  # (a --max-seq-len of 0 is not "the adapter's")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     for a in args.adapter or ():
         if not Path(a).exists():
             raise UserError(f"--adapter {a}: no such file or folder")

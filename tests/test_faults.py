@@ -384,3 +384,43 @@ def test_r3_7_validation_rows_that_occur_in_training_are_warned_about(tiny, tmp_
     assert "warning: 2 of 22 validation rows" in capsys.readouterr().err
     assert train.main(args(tiny, tmp_path / "apart", "--steps", "1")) == 0
     assert "also occur in the training data" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--clip", "nan"], "--clip must not be negative or non-finite, got nan"),
+    (["--alpha", "inf"], "--alpha must be greater than 0 and finite, got inf"),
+    (["--lr", "inf"], "--lr must be greater than 0 and finite, got inf"),
+    (["--dropout", "nan"], r"--dropout must be in \[0, 1\), got nan")])
+def test_r3_8_non_finite_float_flags_are_refused_by_name(tiny, tmp_path, flags, msg):
+    with pytest.raises(UserError, match=msg):
+        train.main(args(tiny, tmp_path / "x", "--steps", "1", *flags))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags, msg", [(["--max-seq-len", "0"], "--max-seq-len must be at least 1, got 0"),
+                                        (["--threshold", "nan"], "--threshold nan: expected auto or a number")])
+def test_r3_8_predict_refuses_a_zero_length_and_a_nan_threshold(tiny, tmp_path, flags, msg):
+    with pytest.raises(UserError, match=msg):
+        predict.main(predict_args(tiny, tmp_path / "s.csv", *flags))
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--seed=-1"], r"--seed must be in \[0, 4294967295\] \(what numpy's and torch's generators take\), got -1"),
+    (["--seed", "100000000000000000000"], r"--seed must be in \[0, 4294967295\].*got 100000000000000000000"),
+    (["--warmup", "nan"], "--warmup must not be negative or non-finite, got nan"),
+    (["--warmup", "inf"], "--warmup must not be negative or non-finite, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must not be negative or non-finite, got nan")])
+def test_r3_11_seeds_and_non_finite_schedule_flags_are_one_line(tiny, tmp_path, flags, msg):
+    with pytest.raises(UserError, match=msg):
+        train.main(args(tiny, tmp_path / "x", "--steps", "1", *flags))
+
+
+def test_r3_8_metrics_jsonl_stays_strict_json(tmp_path):
+    from engine.log import MetricsLog
+    log = MetricsLog(tmp_path / "metrics.jsonl", 0, write=True)
+    log({"step": 1, "loss": 0.5, "grad_norm": float("inf"), "eval": {"auc": float("nan"), "n": 3}})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == \
+        {"step": 1, "loss": 0.5, "grad_norm": None, "eval": {"auc": None, "n": 3}}
