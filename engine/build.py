@@ -77,9 +77,11 @@ def build_model(model_dir, precision: str, device: torch.device):
 
 
 def check_model_dir(model_dir: Path, flag: str = "--model") -> Path:
-    """A model folder, or one line saying why not (before anything is loaded)."""
+    """A model folder whose config.json describes a model we can build, or one line saying why
+    not (before anything is loaded or written)."""
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"{flag} {model_dir}: not a model folder (no config.json)")
+    LlamaConfig.from_hf_config(model_dir)  # (a ConfigError names the file and the key)
     return Path(model_dir)
 
 

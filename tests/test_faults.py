@@ -424,3 +424,27 @@ def test_r3_8_metrics_jsonl_stays_strict_json(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == \
         {"step": 1, "loss": 0.5, "grad_norm": None, "eval": {"auc": None, "n": 3}}
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"hidden_size": "256"}, "hidden_size must be a positive integer, got '256'"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false, got 'no'"),
+    ({"rope_scaling": "llama3"}, r"rope_scaling must be an object such as .* or null, got 'llama3'"),
+    ({"rope_scaling": {"rope_type": "llama3"}}, r"rope_scaling of type 'llama3' needs factor, low_freq_factor, "
+                                                r"high_freq_factor, original_max_position_embeddings; missing factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64}}, r"rope_scaling high_freq_factor \(4.0\) must be greater than"),
+    ({"eos_token_id": ["2"]}, "eos_token_id must be an integer, a list of integers or null")])
+def test_r3_9_config_json_fields_are_checked_before_anything_is_written(tiny, tmp_path, change, msg):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    out = tmp_path / "run"
+    a = args(tiny, out, "--steps", "1")
+    a[a.index("--model") + 1] = str(bad)
+    with pytest.raises(UserError, match=rf"{bad / 'config.json'}: {msg}"):
+        train.main(a)
+    assert not out.exists()
