@@ -448,3 +448,19 @@ def test_r3_9_config_json_fields_are_checked_before_anything_is_written(tiny, tm
     with pytest.raises(UserError, match=rf"{bad / 'config.json'}: {msg}"):
         train.main(a)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("targets, msg", [("q_proj(", r"target_modules 'q_proj\(' is not a valid regular expression"),
+                                          (7, "target_modules must be a list of module names or a regex, got 7")])
+def test_r3_10_a_malformed_target_modules_is_one_line(tiny, adapter, tmp_path, targets, msg):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": targets}))
+    from safetensors import safe_open  # the header carries the config too: make it agree
+    with safe_open(str(bad / "adapter_model.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(bad / "adapter_model.safetensors"),
+              metadata={**meta, "adapter_config": json.dumps({**cfg, "target_modules": targets})})
+    with pytest.raises(UserError, match=rf"{bad / 'adapter_config.json'}: {msg}"):
+        predict.main(predict_args(tiny, tmp_path / "s.csv", "--adapter", str(bad)))
