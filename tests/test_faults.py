@@ -464,3 +464,34 @@ def test_r3_10_a_malformed_target_modules_is_one_line(tiny, adapter, tmp_path, t
               metadata={**meta, "adapter_config": json.dumps({**cfg, "target_modules": targets})})
     with pytest.raises(UserError, match=rf"{bad / 'adapter_config.json'}: {msg}"):
         predict.main(predict_args(tiny, tmp_path / "s.csv", "--adapter", str(bad)))
+
+
+@pytest.mark.parametrize("where", ["scoring", "writing"])
+def test_r3_13_ctrl_c_during_predict_is_one_line_exit_130_and_keeps_the_old_submission(tiny, tmp_path, monkeypatch,
+                                                                                      capsys, where):
+    from common.errors import cli_entry
+    out = tmp_path / "s.csv"
+    out.write_text("ID,is_correct\nold,True\n")
+    real_score, real_to_csv = predict.score_adapters, pd.DataFrame.to_csv
+
+    def ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
+        time.sleep(1)  # (the KeyboardInterrupt arrives here)
+
+    def ctrl_c_mid_write(self, path, *a, **k):
+        Path(path).write_text("ID,is_cor")  # half the file, then the signal
+        ctrl_c()
+    if where == "scoring":
+        monkeypatch.setattr(predict, "score_adapters", lambda *a, **k: ctrl_c() or real_score(*a, **k))
+    else:
+        monkeypatch.setattr(pd.DataFrame, "to_csv", ctrl_c_mid_write)
+    try:
+        cli_entry(lambda: predict.main(predict_args(tiny, out)))
+    except SystemExit as e:
+        assert e.code == 130
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C got out of cli_entry: a traceback")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "interrupted (Ctrl-C): the files this command was writing are left as they were"
+    assert "Traceback" not in "\n".join(err)
+    assert out.read_text() == "ID,is_correct\nold,True\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
