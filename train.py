@@ -56,6 +56,8 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
+    if out.resolve().is_relative_to(model_dir.resolve()):  # (resolved: through any symlink)
+        raise UserError(f"--out {out} is inside the base model folder {model_dir}; pick another folder")
     lock = None
     if main_proc:
         try:

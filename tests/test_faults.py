@@ -495,3 +495,13 @@ def test_r3_13_ctrl_c_during_predict_is_one_line_exit_130_and_keeps_the_old_subm
     assert err[-1] == "interrupted (Ctrl-C): the files this command was writing are left as they were"
     assert "Traceback" not in "\n".join(err)
     assert out.read_text() == "ID,is_correct\nold,True\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
+
+
+def test_r3_14_an_out_that_resolves_into_the_base_model_folder_is_refused(tiny, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tiny / "model")
+    before = sorted(p.name for p in (tiny / "model").iterdir())
+    for out in (link, link / "run"):
+        with pytest.raises(UserError, match=rf"--out {out} is inside the base model folder"):
+            train.main(args(tiny, out, "--steps", "1"))
+    assert sorted(p.name for p in (tiny / "model").iterdir()) == before
