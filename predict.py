@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     ds = RowDataset(df, Encoder(tok, s.template, s.max_len, loss="answer"), pad_id=tok.pad_id)
     n_total = stats["rows_total"]
     ids = stats["ids"] if stats.get("ids") is not None else list(range(n_total))
+    if stats.get("ids") is None:  # (a labelled training file, say): the submission cannot name the rows
+        print(f"note: {args.data} has no ID column: the submission's IDs are row numbers, 0 to {n_total - 1}",
+              file=sys.stderr)
     dupes = pd.Series(ids)[pd.Series(ids).duplicated()].unique() if stats.get("ids") is not None else []
     if len(dupes):
         print(f"warning: {args.data} repeats {len(dupes)} ID(s) (first: {dupes[0]!r}); the submission keeps "

@@ -505,3 +505,14 @@ def test_r3_14_an_out_that_resolves_into_the_base_model_folder_is_refused(tiny, 
         with pytest.raises(UserError, match=rf"--out {out} is inside the base model folder"):
             train.main(args(tiny, out, "--steps", "1"))
     assert sorted(p.name for p in (tiny / "model").iterdir()) == before
+
+
+def test_r3_15_a_file_without_ids_is_said_to_get_row_numbers(tiny, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert predict.main(predict_args(tiny, out, "--data", str(tiny / "train.csv"))) == 0  # labels, "id" column
+    assert "row numbers" not in capsys.readouterr().err
+    no_id = tmp_path / "no_id.csv"
+    pd.read_csv(tiny / "val.csv").drop(columns=["id"]).to_csv(no_id, index=False)
+    assert predict.main(predict_args(tiny, out, "--data", str(no_id))) == 0
+    assert f"note: {no_id} has no ID column: the submission's IDs are row numbers, 0 to 19" in capsys.readouterr().err
+    assert pd.read_csv(out)["ID"].tolist() == list(range(20))
