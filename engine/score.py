@@ -152,9 +152,12 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
     averages probabilities, not log-odds: one over-confident member (p = 1e-6) then moves the
     mean by at most 1/n instead of deciding it. merge: fold a single adapter into an fp32 base's
     weights first (exact to float rounding there; a bf16 weight would round most of a small update
-    away, and an int8 or nf4 weight cannot take it without re-quantizing).
+    away, and an int8 or nf4 weight cannot take it without re-quantizing). on_loaded(i): called
+    once adapter i is in place, or with None before the base alone is scored.
     """
     if not adapters:
+        if on_loaded:
+            on_loaded(None)
         return score(model, ds, batch_size, device, label_ids)
     total = np.zeros(len(ds))
     for i, a in enumerate(adapters):

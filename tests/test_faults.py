@@ -516,3 +516,21 @@ def test_r3_15_a_file_without_ids_is_said_to_get_row_numbers(tiny, tmp_path, cap
     assert predict.main(predict_args(tiny, out, "--data", str(no_id))) == 0
     assert f"note: {no_id} has no ID column: the submission's IDs are row numbers, 0 to 19" in capsys.readouterr().err
     assert pd.read_csv(out)["ID"].tolist() == list(range(20))
+
+
+def test_r3_16_zero_shot_says_what_it_scores_and_the_cache_variable_is_named(tiny, tmp_path, capsys, monkeypatch):
+    assert predict.main(predict_args(tiny, tmp_path / "s.csv")) == 0
+    assert (f"scoring 20 rows of {tiny / 'val.csv'} with model (int8) (no adapter: zero-shot); True when "
+            f"p_true > 0.5 (the default)") in capsys.readouterr().err
+    from model.default import DefaultModelError, default_model_dir
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("LLAMA3_LORA_CACHE", str(afile))
+    with pytest.raises(DefaultModelError, match=rf"^LLAMA3_LORA_CACHE={afile}: cannot keep the default model there"):
+        default_model_dir()
+    for script in (train, predict):  # (already true: pinned) the CPU default is int8, as everywhere
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        help_ = " ".join(capsys.readouterr().out.split())
+        assert "(default: int8, on every device)" in help_ or "(default: the adapter's, else int8)" in help_
+        assert "fp32 on" not in help_
