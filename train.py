@@ -31,12 +31,12 @@ from common.errors import UserError, cli_entry
 from data.batches import LengthGroupedSampler, RowDataset
 from engine.build import check_model_dir, check_precision, load_tokenizer
 from engine.checkpoint import (RunLock, checkpoint_problem, disk_errors, find_checkpoint, load_checkpoint, rng_state,
-                               save_checkpoint, saved_args, saved_meta)
+                               save_checkpoint, saved_args, saved_meta, set_rng_state)
 from engine.config import RESUME_KEYS, TrainConfig, flag, parse_train_args
 from engine.distributed import StopSignal, all_reduce_grads, setup_distributed
 from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
-from engine.memory import decide_grad_checkpointing, estimate_peak_gib
+from engine.memory import decide_grad_checkpointing, estimate_peak_gib, total_memory_gib
 from engine.optim import get_lr, make_optimizer
 from engine.score import NonFiniteScores, evaluate
 from engine.setup import build_for_training, clear_run, load_data, training_record, truncated_share
@@ -223,11 +223,18 @@ def loop(t: TrainState) -> int:
         if t.world > 1:
             dist.all_reduce(n_targets)  # normalise by the whole window's targets, over all ranks
 
-        loss_sum = 0.0
-        for batch in batches:  # forward and backward, one micro-batch at a time; gradients add up
-            loss = compute_loss(model, batch, cfg.loss, t.device) / n_targets
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
+        window_rng = rng_state(t.device)  # a retry after running out of memory draws the same dropout masks
+        while True:
+            try:
+                loss_sum = 0.0
+                for batch in batches:  # forward and backward, one micro-batch at a time; gradients add up
+                    loss = compute_loss(model, batch, cfg.loss, t.device) / n_targets
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    loss_sum += loss.item()
+                break
+            except torch.OutOfMemoryError:
+                loss = None  # (its graph holds activations; the exception's frames go at the end of this block)
+            out_of_memory(t, batches, window_rng)  # checkpointing on, then the same window again; or one line
         if t.world > 1:  # one all-reduce of the adapter gradients per step, none per micro-batch
             loss_sum = all_reduce_grads(t.params, loss_sum, t.device)
         if not math.isfinite(loss_sum):
@@ -313,6 +320,34 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
             save_checkpoint(t.out / "checkpoint", t.model, t.opt, t.scaler, t.sampler, t.step, t.cfg.to_dict(),
                             t.record, rngs)
     return t.out / "checkpoint"
+
+
+def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
+    """After the device ran out of memory in the step's forward or backward: when
+    --grad-checkpointing auto had chosen off, turn it on and return, for the loop to run the same
+    window again (the same batches, from zeroed gradients, with the same dropout masks; checkpointing
+    does not change the arithmetic, so the step is the one it would have been). Otherwise stop with
+    one line saying what to change; the last checkpoint is untouched."""
+    cfg, model = t.cfg, t.model
+    t.opt.zero_grad(set_to_none=True)  # the window's partial gradients
+    if t.device.type == "cuda":
+        torch.cuda.empty_cache()
+    shape = f"{cfg.batch_size} x up to {max(b['input_ids'].shape[1] for b in batches)} tokens"
+    if cfg.grad_checkpointing == "auto" and not model.grad_checkpointing:
+        model.grad_checkpointing = True
+        set_rng_state(window_rng, t.device)
+        print(f"step {t.step}: out of memory for micro-batches of {shape} without gradient checkpointing; "
+              f"turning it on (--grad-checkpointing auto) and running the step again: the same arithmetic, "
+              f"~30% more compute per step from now on", file=sys.stderr)
+        return
+    rows = cfg.batch_size * cfg.grad_accum
+    smaller = (f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step (--batch-size "
+               f"{cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}), " if cfg.batch_size > 1 else "")
+    raise UserError(f"out of memory at step {t.step}: micro-batches of {shape} do not fit in the "
+                    f"{total_memory_gib(t.device):.1f} GiB of {t.device} with gradient checkpointing "
+                    f"{'on' if model.grad_checkpointing else 'off'}; use "
+                    + ("" if model.grad_checkpointing else "--grad-checkpointing on, ")
+                    + f"{smaller}a lower --max-seq-len or --precision nf4. {last_good(t)}")
 
 
 def last_good(t: TrainState) -> str:

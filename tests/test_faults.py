@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import engine.checkpoint
+import engine.loss
 import predict
 import train
 from common.errors import UserError
@@ -534,3 +535,49 @@ def test_r3_16_zero_shot_says_what_it_scores_and_the_cache_variable_is_named(tin
         help_ = " ".join(capsys.readouterr().out.split())
         assert "(default: int8, on every device)" in help_ or "(default: the adapter's, else int8)" in help_
         assert "fp32 on" not in help_
+
+
+def oom_at(calls: set, real):
+    """compute_loss that runs out of memory at these calls (1-based), as CUDA does in a forward."""
+    n = []
+
+    def forward(*a, **k):
+        n.append(1)
+        if len(n) in calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    return forward
+
+
+@pytest.mark.slow
+def test_r3_17_out_of_memory_turns_auto_checkpointing_on_and_retries_the_same_step(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    a = lambda out: args(tiny, out, "--steps", "2", "--grad-accum", "2", "--dropout", "0.3")
+    assert train.main(a(tmp_path / "clean")) == 0
+    # Step 0's second micro-batch runs out of memory: its first one has already added its gradients.
+    monkeypatch.setattr(train, "compute_loss", oom_at({2}, engine.loss.compute_loss))
+    assert train.main(a(tmp_path / "retried")) == 0
+    assert "step 0: out of memory for micro-batches of 2 x up to" in capsys.readouterr().err
+    losses = lambda out: [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text()
+                                                                .splitlines()) if "loss" in r]
+    assert losses(tmp_path / "retried") == losses(tmp_path / "clean")
+    clean, retried = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("clean", "retried"))
+    for k in clean:
+        torch.testing.assert_close(retried[k], clean[k], rtol=0, atol=0, msg=k)
+
+
+def test_r3_17_out_of_memory_that_cannot_be_helped_is_one_line_keeping_the_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "oom"
+    # auto: on at the first out-of-memory, and the retry runs out of memory too
+    monkeypatch.setattr(train, "compute_loss", oom_at({3, 4}, engine.loss.compute_loss))
+    with pytest.raises(UserError, match=r"out of memory at step 2: micro-batches of 2 x up to \d+ tokens do not fit "
+                                        r"in the [\d.]+ GiB of cpu with gradient checkpointing on; use a smaller "
+                                        r"--batch-size with a larger --grad-accum for the same 2 rows per step "
+                                        r"\(--batch-size 1 --grad-accum 2\), a lower --max-seq-len or --precision "
+                                        r"nf4. Last good checkpoint: .*checkpoint \(step 2\)"):
+        train.main(args(tiny, out, "--steps", "4", "--save-every", "1"))
+    assert engine.checkpoint.checkpoint_problem(out / "checkpoint") is None
+    monkeypatch.setattr(train, "compute_loss", oom_at({1}, engine.loss.compute_loss))  # off: no retry
+    with pytest.raises(UserError, match=r"out of memory at step 0: .* with gradient checkpointing off; use "
+                                        r"--grad-checkpointing on, a smaller --batch-size"):
+        train.main(args(tiny, tmp_path / "off", "--steps", "1", "--grad-checkpointing", "off"))
