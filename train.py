@@ -340,9 +340,12 @@ def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
               f"turning it on (--grad-checkpointing auto) and running the step again: the same arithmetic, "
               f"~30% more compute per step from now on", file=sys.stderr)
         return
-    rows = cfg.batch_size * cfg.grad_accum
-    smaller = (f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step (--batch-size "
-               f"{cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}), " if cfg.batch_size > 1 else "")
+    smaller = ""
+    if cfg.batch_size > 1:  # (its largest divisor: the same rows per step, in more micro-batches)
+        rows = cfg.batch_size * cfg.grad_accum
+        fewer = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
+        smaller = (f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step "
+                   f"(--batch-size {fewer} --grad-accum {rows // fewer}), ")
     raise UserError(f"out of memory at step {t.step}: micro-batches of {shape} do not fit in the "
                     f"{total_memory_gib(t.device):.1f} GiB of {t.device} with gradient checkpointing "
                     f"{'on' if model.grad_checkpointing else 'off'}; use "
@@ -351,7 +354,7 @@ def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
 
 
 def last_good(t: TrainState) -> str:
-    """The newest checkpoint, by its step: save_all_ranks writes only finite adapters."""
+    """The last checkpoint and its step (its adapter is finite: save_all_ranks saves no other)."""
     if checkpoint_problem(t.ckpt_dir) is not None:
         return "No checkpoint was written yet."
     return f"Last good checkpoint: {t.ckpt_dir} (step {saved_meta(t.ckpt_dir)['step']})."

@@ -191,7 +191,8 @@ def read_adapter_config(path: str | Path) -> dict:
         try:
             re.compile(targets)
         except re.error as e:
-            raise AdapterError(f"{cfg_path}: target_modules {targets!r} is not a valid regular expression ({e})") from None
+            raise AdapterError(f"{cfg_path}: target_modules {targets!r} is not a valid regular expression "
+                               f"({e})") from None
     elif not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise AdapterError(f"{cfg_path}: target_modules must be a list of module names or a regex, got {targets!r}")
     for key, ok in _UNSUPPORTED.items():

@@ -436,7 +436,8 @@ def test_r3_8_metrics_jsonl_stays_strict_json(tmp_path):
     ({"rope_scaling": {"rope_type": "llama3"}}, r"rope_scaling of type 'llama3' needs factor, low_freq_factor, "
                                                 r"high_freq_factor, original_max_position_embeddings; missing factor"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 64}}, r"rope_scaling high_freq_factor \(4.0\) must be greater than"),
+                       "original_max_position_embeddings": 64}},
+     r"rope_scaling high_freq_factor \(4.0\) must be greater than"),
     ({"eos_token_id": ["2"]}, "eos_token_id must be an integer, a list of integers or null")])
 def test_r3_9_config_json_fields_are_checked_before_anything_is_written(tiny, tmp_path, change, msg):
     bad = tmp_path / "bad"
