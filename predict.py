@@ -73,14 +73,17 @@ def parse_args(argv=None):
 
 def check_paths(args) -> Path:
     """Before anything is loaded: the inputs exist, and the outputs can be written and overwrite
-    no input."""
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    no input and not each other."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-seq-len", args.max_seq_len)):
+        if value is not None and value < 1:  # (a --max-seq-len of 0 is not "the adapter's")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     for a in args.adapter or ():
         if not Path(a).exists():
             raise UserError(f"--adapter {a}: no such file or folder")
     inputs = [Path(args.data), *(Path(a) for a in args.adapter or ()), *([Path(args.model)] if args.model else [])]
     out = Path(args.out)
+    if args.metrics and Path(args.metrics).resolve() == out.resolve():  # the metrics would replace the submission
+        raise UserError(f"--metrics {args.metrics} is the --out file; give the metrics another name")
     for flag, path in (("--out", out), ("--metrics", Path(args.metrics) if args.metrics else None)):
         if path is None:
             continue
@@ -217,6 +220,9 @@ def main(argv=None) -> int:
     ds = RowDataset(df, Encoder(tok, s.template, s.max_len, loss="answer"), pad_id=tok.pad_id)
     n_total = stats["rows_total"]
     ids = stats["ids"] if stats.get("ids") is not None else list(range(n_total))
+    if stats.get("ids") is None:  # (a labelled training file, say): the submission cannot name the rows
+        print(f"note: {args.data} has no ID column: the submission's IDs are row numbers, 0 to {n_total - 1}",
+              file=sys.stderr)
     dupes = pd.Series(ids)[pd.Series(ids).duplicated()].unique() if stats.get("ids") is not None else []
     if len(dupes):
         print(f"warning: {args.data} repeats {len(dupes)} ID(s) (first: {dupes[0]!r}); the submission keeps "

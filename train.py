@@ -32,16 +32,16 @@ from data.batches import LengthGroupedSampler, RowDataset, row_tokens
 from data.read import question_codes
 from engine.build import check_model_dir, check_precision, load_tokenizer
 from engine.checkpoint import (RunLock, checkpoint_problem, disk_errors, find_checkpoint, load_checkpoint, rng_state,
-                               save_checkpoint, saved_args, saved_meta)
+                               save_checkpoint, saved_args, saved_meta, set_rng_state)
 from engine.config import RESUME_KEYS, TrainConfig, flag, parse_train_args
 from engine.distributed import StopSignal, all_reduce_grads, setup_distributed
 from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
-from engine.memory import decide_grad_checkpointing, estimate_peak_gib
+from engine.memory import decide_grad_checkpointing, estimate_peak_gib, total_memory_gib
 from engine.optim import get_lr, make_optimizer
-from engine.score import evaluate
-from engine.setup import build_for_training, load_data, training_record, truncated_share
-from lora.io import save_adapter
+from engine.score import NonFiniteScores, evaluate
+from engine.setup import build_for_training, clear_run, load_data, training_record, truncated_share
+from lora.io import read_record, save_adapter
 from model.default import default_model_dir
 from model.precision import choose_activations, default_precision
 
@@ -57,6 +57,8 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
+    if out.resolve().is_relative_to(model_dir.resolve()):  # (resolved: through any symlink)
+        raise UserError(f"--out {out} is inside the base model folder {model_dir}; pick another folder")
     lock = None
     if main_proc:
         try:
@@ -86,8 +88,15 @@ def check_out_and_resume(cfg: TrainConfig, device: torch.device, main_proc: bool
                 if then and now and (then["size"], then["blake2b"]) != (now["size"], now["blake2b"]):
                     raise UserError(f"--resume: {now['path']} changed since the checkpoint was written "
                                     f"(size or content differs); resume with the same data or start afresh")
+            # What the evaluations added to the record (the tuned threshold) lives in the checkpoint's
+            # adapter header: every adapter written from now on carries it, the final one included.
+            record = {**read_record(ckpt_dir), **record}
             if main_proc:
                 print(f"resuming from {ckpt_dir} (step {saved_meta(ckpt_dir)['step']})", file=sys.stderr)
+        if main_proc and cfg.overwrite and cfg.resume is None:
+            removed = clear_run(out)  # (under the lock: no other run is writing here)
+            if removed:
+                print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
         if main_proc:
             (out / "args.json").write_text(json.dumps({**cfg.to_dict(), "model_dir": str(model_dir.resolve())},
                                                       indent=1))
@@ -149,6 +158,8 @@ def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record:
               f"estimated peak memory {estimate_peak_gib(model, cfg, model.grad_checkpointing):.1f} GiB | "
               f"gradient checkpointing {'on' if model.grad_checkpointing else 'off'} ({why})",
               file=sys.stderr)
+        if stats.get("overlap"):
+            print(stats["overlap"], file=sys.stderr)
     return TrainState(cfg, model, params, opt, scaler, sampler, train_ds, val_ds, tok.label_ids(), step, log, record,
                       model_dir, out, ckpt_dir, rank, world, device)
 
@@ -218,11 +229,18 @@ def loop(t: TrainState) -> int:
         if t.world > 1:
             dist.all_reduce(n_targets)  # normalise by the whole window's targets, over all ranks
 
-        loss_sum = 0.0
-        for batch in batches:  # forward and backward, one micro-batch at a time; gradients add up
-            loss = compute_loss(model, batch, cfg.loss, t.device) / n_targets
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
+        window_rng = rng_state(t.device)  # a retry after running out of memory draws the same dropout masks
+        while True:
+            try:
+                loss_sum = 0.0
+                for batch in batches:  # forward and backward, one micro-batch at a time; gradients add up
+                    loss = compute_loss(model, batch, cfg.loss, t.device) / n_targets
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    loss_sum += loss.item()
+                break
+            except torch.OutOfMemoryError:
+                loss = None  # (its graph holds activations; the exception's frames go at the end of this block)
+            out_of_memory(t, batches, window_rng)  # checkpointing on, then the same window again; or one line
         if t.world > 1:  # one all-reduce of the adapter gradients per step, none per micro-batch
             loss_sum = all_reduce_grads(t.params, loss_sum, t.device)
         if not math.isfinite(loss_sum):
@@ -270,8 +288,12 @@ def loop(t: TrainState) -> int:
 def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None]) -> tuple[float, int | None]:
     """Score the validation rows; the adapters saved from now on carry the tuned threshold; a new
     best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0)."""
-    m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log,
-                     share=t.cfg.share_prefixes == "on")
+    try:
+        m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log,
+                         share=t.cfg.share_prefixes == "on")
+    except NonFiniteScores as e:  # never a "best", never a threshold: stop
+        cause = "the base model's weights are not usable" if t.step == 0 else "lower --lr or --alpha"
+        raise UserError(f"{e} ({cause}); stopping. {last_good(t)}") from None
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
@@ -291,7 +313,11 @@ def log_step(t: TrainState, bar, loss: float, lr: float, gnorm: float, n_tokens:
 
 
 def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
-    """The checkpoint at t.step, with every rank's RNG; rank 0 writes it. Returns its folder."""
+    """The checkpoint at t.step, with every rank's RNG; rank 0 writes it. Returns its folder.
+    An adapter that is no longer finite is never saved (every rank holds the same one: all stop)."""
+    if not torch.stack([p.isfinite().all() for p in t.params]).all():
+        raise UserError(f"the adapter is no longer finite at step {t.step} (the update overflowed: lower "
+                        f"--lr or --alpha); stopping before it is saved. {last_good(t)}")
     rngs = [rng_state(t.device)]
     if t.world > 1:  # each rank's dropout RNG, so every rank resumes its own stream
         rngs = [None] * t.world
@@ -303,8 +329,42 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
     return t.out / "checkpoint"
 
 
+def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
+    """After the device ran out of memory in the step's forward or backward: when
+    --grad-checkpointing auto had chosen off, turn it on and return, for the loop to run the same
+    window again (the same batches, from zeroed gradients, with the same dropout masks; checkpointing
+    does not change the arithmetic, so the step is the one it would have been). Otherwise stop with
+    one line saying what to change; the last checkpoint is untouched."""
+    cfg, model = t.cfg, t.model
+    t.opt.zero_grad(set_to_none=True)  # the window's partial gradients
+    if t.device.type == "cuda":
+        torch.cuda.empty_cache()
+    shape = f"{cfg.batch_size} x up to {max(b['input_ids'].shape[1] for b in batches)} tokens"
+    if cfg.grad_checkpointing == "auto" and not model.grad_checkpointing:
+        model.grad_checkpointing = True
+        set_rng_state(window_rng, t.device)
+        print(f"step {t.step}: out of memory for micro-batches of {shape} without gradient checkpointing; "
+              f"turning it on (--grad-checkpointing auto) and running the step again: the same arithmetic, "
+              f"~30% more compute per step from now on", file=sys.stderr)
+        return
+    smaller = ""
+    if cfg.batch_size > 1:  # (its largest divisor: the same rows per step, in more micro-batches)
+        rows = cfg.batch_size * cfg.grad_accum
+        fewer = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
+        smaller = (f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step "
+                   f"(--batch-size {fewer} --grad-accum {rows // fewer}), ")
+    raise UserError(f"out of memory at step {t.step}: micro-batches of {shape} do not fit in the "
+                    f"{total_memory_gib(t.device):.1f} GiB of {t.device} with gradient checkpointing "
+                    f"{'on' if model.grad_checkpointing else 'off'}; use "
+                    + ("" if model.grad_checkpointing else "--grad-checkpointing on, ")
+                    + f"{smaller}a lower --max-seq-len or --precision nf4. {last_good(t)}")
+
+
 def last_good(t: TrainState) -> str:
-    return f"Last good checkpoint: {t.ckpt_dir}" if t.ckpt_dir.exists() else "No checkpoint was written yet."
+    """The last checkpoint and its step (its adapter is finite: save_all_ranks saves no other)."""
+    if checkpoint_problem(t.ckpt_dir) is not None:
+        return "No checkpoint was written yet."
+    return f"Last good checkpoint: {t.ckpt_dir} (step {saved_meta(t.ckpt_dir)['step']})."
 
 
 if __name__ == "__main__":

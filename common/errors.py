@@ -20,9 +20,11 @@ class UserError(Exception):
 
 
 def cli_entry(main) -> None:
-    """sys.exit(main()), with a UserError as `error: <message>` and exit code 2.
+    """sys.exit(main()), with a UserError as `error: <message>` and exit code 2, and Ctrl-C
+    (KeyboardInterrupt) as one line and exit code 130, as a shell reports SIGINT. Every output is
+    written atomically (common/files.py), so an interrupted command leaves none half-written.
 
-    LLAMA3_LORA_DEBUG=1 shows the traceback of a UserError too.
+    LLAMA3_LORA_DEBUG=1 shows the traceback of a UserError or a Ctrl-C too.
     """
     try:
         sys.exit(main())
@@ -31,3 +33,8 @@ def cli_entry(main) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("LLAMA3_LORA_DEBUG"):
+            raise
+        print("\ninterrupted (Ctrl-C): the files this command was writing are left as they were", file=sys.stderr)
+        sys.exit(130)

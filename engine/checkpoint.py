@@ -139,6 +139,13 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Put back what rng_state returned: the next dropout masks are the ones drawn after it."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(path: Path, model, opt, scaler, sampler, step: int, args: dict, record: dict,
                     rngs: list[dict]) -> None:
     """Write the checkpoint folder `path` atomically. record: engine/setup.py's training_record (in the
@@ -175,9 +182,6 @@ def load_checkpoint(path: Path, model, opt, scaler, sampler, device, rank: int, 
         scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) != world:
         raise UserError(f"--resume: the checkpoint was written by {len(state['rng'])} rank(s), this run has {world}")
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["cpu"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    set_rng_state(state["rng"][rank], device)
     sampler.load_state_dict(meta["sampler"])
     return meta["step"]

@@ -9,11 +9,15 @@ fields into flags (`val_rows` -> `--val-rows`), grouped under the headers below 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from common.errors import UserError
 from lora.inject import ALL_PROJECTIONS
 from model.precision import ACTIVATIONS, PRECISIONS
+
+
+MAX_SEED = 2**32 - 1  # numpy's RandomState (pandas' sample) takes no more; torch takes up to 2**64 - 1
 
 
 def setting(default, help: str, *, resume: bool = False, group: str | None = None, **flag_options):
@@ -96,14 +100,17 @@ class TrainConfig:
         for name in ("r", "batch_size", "grad_accum", "steps", "max_seq_len", "save_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1")
-        if not 0 <= self.dropout < 1:
-            raise UserError("--dropout must be in [0, 1)")
+        if not 0 <= self.dropout < 1:  # (NaN fails every comparison: refused here too)
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         for name in ("alpha", "lr"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserError(f"{flag(name)} must be greater than 0 and finite, got {getattr(self, name)}")
         for name in ("weight_decay", "clip", "warmup", "eval_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{flag(name)} must not be negative or non-finite, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be in [0, {MAX_SEED}] (what numpy's and torch's generators take), "
+                            f"got {self.seed}")
         if self.val_rows is not None and self.val_rows < 1:
             raise UserError(f"--val-rows must be at least 1, got {self.val_rows}")
         if not 0 < self.val_fraction < 1:

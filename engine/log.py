@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+
+def json_line(rec: dict) -> str:
+    """`rec` as one line of strict JSON, which has no NaN or Infinity: a non-finite number is
+    written as null (an fp16 step that the GradScaler skips logs an infinite gradient norm)."""
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(finite(rec), allow_nan=False)
 
 
 def parse_json_line(line: str) -> dict | None:
@@ -24,12 +35,12 @@ class MetricsLog:
                             if r and r["step"] <= resume_step]
         self.file = open(path, "w") if write else None
         for r in self.records if self.file else ():
-            self.file.write(json.dumps(r) + "\n")
+            self.file.write(json_line(r) + "\n")
 
     def __call__(self, rec: dict) -> None:
         self.records.append(rec)
         if self.file:
-            self.file.write(json.dumps(rec) + "\n")
+            self.file.write(json_line(rec) + "\n")
             self.file.flush()
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 (gradient checkpointing) to fit: `--grad-checkpointing auto`."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 AUTO_MARGIN = 0.5  # auto: off only when the extra memory without it is at most half of what is free
@@ -38,6 +40,13 @@ def free_memory_bytes(device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def total_memory_gib(device: torch.device) -> float:
+    """All the memory of the device: the GPU's, or the machine's for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def decide_grad_checkpointing(model, cfg, device: torch.device) -> tuple[bool, str]:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
 from data.batches import RowDataset, collate, row_tokens
 from data.prefixes import family_batches
 from engine.loss import hidden_states
@@ -138,12 +139,19 @@ def format_metrics(m: dict) -> str:
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 
+class NonFiniteScores(UserError):
+    """An evaluation whose p_true is NaN or infinite for some rows: no metric of it means anything."""
+
+
 def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log,
              share: bool = True) -> tuple[dict, dict]:
     """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
     threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
     "accuracy_at_threshold", "best_cut"}."""
     p = score(model, val_ds, batch_size, device, label_ids, share=share)
+    bad = int((~np.isfinite(p)).sum())
+    if bad:  # NaN > t is False for every t: these rows would count as predicted False, silently
+        raise NonFiniteScores(f"step {step}: the model gave non-finite p_true for {bad} of {len(p)} validation rows")
     y = val_ds.df["is_correct"].to_numpy()
     m = metrics(y, p)
     cut, acc = best_threshold(y, p)
@@ -165,9 +173,12 @@ def score_adapters(model, adapters: list, ds: RowDataset, batch_size: int, devic
     averages probabilities, not log-odds: one over-confident member (p = 1e-6) then moves the
     mean by at most 1/n instead of deciding it. merge: fold a single adapter into an fp32 base's
     weights first (exact to float rounding there; a bf16 weight would round most of a small update
-    away, and an int8 or nf4 weight cannot take it without re-quantizing).
+    away, and an int8 or nf4 weight cannot take it without re-quantizing). on_loaded(i): called
+    once adapter i is in place, or with None before the base alone is scored.
     """
     if not adapters:
+        if on_loaded:
+            on_loaded(None)
         return score(model, ds, batch_size, device, label_ids, share=share, counts=counts)
     total = np.zeros(len(ds))
     for i, a in enumerate(adapters):

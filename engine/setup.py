@@ -2,6 +2,7 @@
 it writes carries), its rows, and the base model with fresh adapters."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from engine.build import build_model
 from engine.checkpoint import fingerprint
 from engine.config import TrainConfig
 from lora.inject import ALL_PROJECTIONS, apply_lora, param_summary
+from lora.io import CONFIG_NAME, WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN, DEFAULT_VAL = REPO / "data" / "gsm8k_train.csv", REPO / "data" / "gsm8k_val.csv"
@@ -24,6 +26,28 @@ def data_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """(training file, validation file or None for a split of the training file)."""
     data = Path(cfg.data) if cfg.data else DEFAULT_TRAIN
     return data, Path(cfg.val_file) if cfg.val_file else (DEFAULT_VAL if cfg.data is None else None)
+
+
+# What a run writes into its --out (train.py, engine/log.py, engine/checkpoint.py and what a crash in
+# its atomic_write_dir leaves), the results first: --overwrite removes these and nothing else.
+RUN_OUTPUTS = (WEIGHTS_NAME, CONFIG_NAME, "summary.json", "best", "loss.png", "checkpoint", "checkpoint.tmp",
+               "checkpoint.old", "metrics.jsonl", "args.json")
+
+
+def clear_run(out: Path) -> list[str]:
+    """Delete the previous run's outputs (RUN_OUTPUTS) from `out`, so that none of them can be taken
+    for the new run's; any other file stays. Returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def training_record(cfg: TrainConfig, model_dir: Path) -> dict:
@@ -52,6 +76,8 @@ def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
         df, val_df = split_by_question(df, cfg.val_fraction, cfg.seed)
     if cfg.val_rows and len(val_df) > cfg.val_rows:
         val_df = val_df.sample(n=cfg.val_rows, random_state=cfg.seed).sort_index()
+    if val_file:
+        stats["overlap"] = overlap_warning(df, val_df, data, val_file)
     if len(val_df) == 0 or len(df) == 0:
         side = "validation" if len(val_df) == 0 else "training"
         raise UserError(f"{data}: no {side} rows left after splitting {len(df) + len(val_df)} row(s) by question "
@@ -59,6 +85,22 @@ def load_data(cfg: TrainConfig, tok) -> tuple[RowDataset, RowDataset, dict]:
     train_ds = RowDataset(df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, cfg.loss), pad_id=tok.pad_id)
     val_ds = RowDataset(val_df.reset_index(drop=True), Encoder(tok, template, cfg.max_seq_len, "answer"), pad_id=tok.pad_id)
     return train_ds, val_ds, stats
+
+
+def overlap_warning(train_df, val_df, data: Path, val_file: Path) -> str | None:
+    """A warning when validation rows (or their questions) also occur in the training rows: their
+    metrics and the threshold tuned on them would be training metrics. (A split of --data is by
+    question, so only a --val-file can overlap.)"""
+    questions = val_df["question"].drop_duplicates()
+    same_question = train_df[train_df["question"].isin(questions)]  # (few rows: the merge stays cheap)
+    if not len(same_question):
+        return None
+    shared = int(questions.isin(same_question["question"]).sum())
+    key = ["question", "answer", "solution"]
+    rows = int(val_df[key].merge(same_question[key].drop_duplicates(), on=key).shape[0])
+    return (f"warning: {rows} of {len(val_df)} validation rows of {val_file} also occur in the training data "
+            f"{data}, and {shared} of {len(questions)} of their questions: the validation metrics and the tuned "
+            f"threshold are partly training metrics")
 
 
 def truncated_share(ds: RowDataset, n: int = 200) -> float:

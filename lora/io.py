@@ -186,6 +186,15 @@ def read_adapter_config(path: str | Path) -> dict:
             raise AdapterError(f"{cfg_path}: missing {key}")
     if not isinstance(cfg["r"], int) or cfg["r"] <= 0:
         raise AdapterError(f"{cfg_path}: r must be a positive integer, got {cfg['r']!r}")
+    targets = cfg["target_modules"]
+    if isinstance(targets, str) and targets != "all-linear":  # PEFT: a regex over module names
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"{cfg_path}: target_modules {targets!r} is not a valid regular expression "
+                               f"({e})") from None
+    elif not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{cfg_path}: target_modules must be a list of module names or a regex, got {targets!r}")
     for key, ok in _UNSUPPORTED.items():
         if cfg.get(key) not in (ok, None, False, {}, []):
             raise AdapterError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (expected {ok!r})")

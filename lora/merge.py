@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -110,11 +111,7 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
     """Write base + adapter as an HF folder at `out_dir`; see the module docstring."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     LlamaConfig.from_hf_config(model_dir)  # a model we support (raises ConfigError otherwise)
-    if out_dir.resolve() == model_dir.resolve():
-        raise MergeError(f"--out {out_dir} is the base model folder; pick another folder")
-    if out_dir.is_dir() and any(out_dir.glob("*.safetensors")):
-        raise MergeError(f"--out {out_dir} already holds *.safetensors files; "
-                         f"remove them or pick another folder")
+    check_out(out_dir, model_dir)
     files = {k: f for k, f in tensor_files(model_dir).items() if not SKIPPED_KEY.fullmatch(k)}  # (inv_freq)
     updates, adapter_cfg, scale = read_updates(adapter)
     handles = {f: safe_open(f, "pt") for f in sorted(set(files.values()))}
@@ -140,7 +137,6 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for name, keys in zip(names, shards):
         out = {}
@@ -158,13 +154,14 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
+    copied = copy_side_files(model_dir, out_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)
     for k in ("torch_dtype", "dtype"):
         if k in config or k == "torch_dtype":
             config[k] = HF_DTYPE_NAMES[dtype]
+    # Last: a merge cut short leaves no config.json, so nothing takes that folder for a model.
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    copied = copy_side_files(model_dir, out_dir)
 
     how = ("into the original checkpoint weights" if precision is None else
            f"into the {precision} weights (quantized then dequantized, as the {precision} model computes)"
@@ -173,6 +170,25 @@ def merge_to_hf(model_dir: str | Path, adapter: str | Path, out_dir: str | Path,
         f"update added in fp32, saved as {HF_DTYPE_NAMES[dtype]} (not re-quantized) in {len(shards)} "
         f"shard(s) at {out_dir}; copied {', '.join(copied) or 'no tokenizer files'}")
     return out_dir
+
+
+def check_out(out_dir: Path, model_dir: Path) -> None:
+    """--out must be a new or empty folder that can be made: every file in the result is then the
+    merge's own (no shard, index or config.json of an earlier merge or of the user's beside it)."""
+    if out_dir.resolve() == model_dir.resolve():
+        raise MergeError(f"--out {out_dir} is the base model folder; pick another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"--out {out_dir}: exists and is not a folder")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held:
+        raise MergeError(f"--out {out_dir} is not empty (it holds {', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}); pick a new or empty folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after reading the base
+    except OSError as e:
+        raise MergeError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise MergeError(f"--out {out_dir}: not writable")
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge into the weights as a base loaded at this precision saw them "
                          "(default: the checkpoint's own float weights, the most accurate choice)")
     # ---- output ----
-    ap.add_argument("--out", required=True, help="output folder (new, or without *.safetensors)")
+    ap.add_argument("--out", required=True, help="output folder, new or empty")
     ap.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
                     help="dtype of the written weights (default bf16)")
     ap.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")

@@ -6,6 +6,7 @@ TinyLlama-style folders. Field names follow HF's so config.json maps across by n
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,16 +44,66 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unread config.json keys, kept for export
 
     def __post_init__(self):
+        self.check_types()
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 1 or self.head_dim % 2:  # RoPE rotates pairs of dimensions
+            raise ConfigError(f"head_dim {self.head_dim} (hidden_size {self.hidden_size} / num_attention_heads "
+                              f"{self.num_attention_heads}) must be a positive even number")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object such as {{\"rope_type\": \"llama3\", \"factor\": 8.0, "
+                              f"...}} or null, got {self.rope_scaling!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"unsupported rope_scaling type {rope_type!r} "
                               f"(supported: default, llama3)")
+        if rope_type == "llama3":
+            self.check_llama3_scaling()
+
+    def check_types(self) -> None:
+        """Every field the model reads has the type and range it needs (a config.json with
+        `"hidden_size": "256"` or `"num_key_value_heads": 0` is refused here, by key)."""
+        def fail(key, want):
+            raise ConfigError(f"{key} must be {want}, got {getattr(self, key)!r}")
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_number = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            if not (is_int(getattr(self, key)) and getattr(self, key) > 0):
+                fail(key, "a positive integer")
+        if not (is_int(self.head_dim) and self.head_dim >= 0):
+            fail("head_dim", "a positive integer (or 0 / absent: hidden_size / num_attention_heads)")
+        for key in ("rms_norm_eps", "rope_theta"):
+            if not (is_number(getattr(self, key)) and getattr(self, key) > 0):
+                fail(key, "a positive number")
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false")
+        for key in ("bos_token_id", "pad_token_id"):
+            if getattr(self, key) is not None and not is_int(getattr(self, key)):
+                fail(key, "an integer or null")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if not all(i is None or is_int(i) for i in eos):
+            fail("eos_token_id", "an integer, a list of integers or null")
+
+    def check_llama3_scaling(self) -> None:
+        """The four numbers Llama 3.1's frequency scaling reads (model/llama.py: rope_inv_freq)."""
+        rs = self.rope_scaling
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in rs]
+        if missing:
+            raise ConfigError(f"rope_scaling of type 'llama3' needs {', '.join(keys)}; missing {', '.join(missing)}")
+        for k in keys:
+            v = rs[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"rope_scaling {k} must be a positive number, got {v!r}")
+        if not rs["high_freq_factor"] > rs["low_freq_factor"]:  # the band between them is interpolated
+            raise ConfigError(f"rope_scaling high_freq_factor ({rs['high_freq_factor']}) must be greater than "
+                              f"low_freq_factor ({rs['low_freq_factor']})")
 
     @property
     def rope_type(self) -> str:
@@ -75,6 +126,8 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "LlamaConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: not a JSON object")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
@@ -82,6 +135,8 @@ class LlamaConfig:
         names = {f for f in cls.__dataclass_fields__ if f != "extra"}
         raw = dict(raw)
         rp = raw.pop("rope_parameters", None)
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object, got {rp!r}")
         if rp:  # transformers >= 5 writes {"rope_theta", "rope_type", "factor", ...} under one key
             rp = dict(rp)
             raw.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))

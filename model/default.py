@@ -91,8 +91,11 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     try:
         return _default_model_dir(cache_dir)
     except OSError as e:
-        raise DefaultModelError(f"--cache-dir {cache_root(cache_dir)}: cannot keep the default model there "
-                                f"({e.strerror or e}); pass another --cache-dir (or set LLAMA3_LORA_CACHE)") from None
+        root = cache_root(cache_dir)  # named as the user chose it: the flag, the variable or the default
+        where = (f"--cache-dir {root}" if cache_dir is not None else
+                 f"LLAMA3_LORA_CACHE={root}" if os.environ.get("LLAMA3_LORA_CACHE") else f"the cache folder {root}")
+        raise DefaultModelError(f"{where}: cannot keep the default model there ({e.strerror or e}); "
+                                f"pass another --cache-dir (or set LLAMA3_LORA_CACHE)") from None
 
 
 def _default_model_dir(cache_dir: str | Path | None = None) -> Path:
