@@ -110,33 +110,34 @@ class LengthGroupedSampler:
 
 
 def collate(examples: list[dict], pad_id: int, share: bool = False) -> dict:
-    """Right-pad examples into the batch dict the trainer and predictor consume.
+    """Right-pad examples into the batch dict the trainer and predictor consume: row b is
+    examples[b].
 
     share: rows that start with the same tokens compute them once (data/prefixes.py decides
-    which, and whether it pays): the batch then also holds the prefixes, `prefix_ids` and
-    `prefix_mask` (G, P), and `prefix_of` (B,), the prefix each row continues; its input_ids,
-    attention_mask, targets and cue_pos are each row's rest after its prefix."""
+    which, and whether it pays). Row b then holds only example b's tokens after its prefix, and
+    each prefix is a row of its own after the examples' rows; `prefix_of` (rows,) names, for each
+    row, the prefix row it continues (-1: none). Prefix rows carry no targets."""
     plan = plan_groups([e["input_ids"] for e in examples], [e["targets"] for e in examples], IGNORE) \
         if share else None
     if plan is None:
         return _pad([e["input_ids"] for e in examples], [e["targets"] for e in examples], pad_id)
     group_of, lens = plan
-    cut = [lens[g] for g in group_of]
-    batch = _pad([e["input_ids"][c:] for e, c in zip(examples, cut)], [e["targets"][c:] for e, c in zip(examples, cut)],
-                 pad_id)
-    first = {g: examples[b]["input_ids"][:lens[g]] for b, g in reversed(list(enumerate(group_of)))}
-    prefixes = _pad([first[g] for g in range(len(lens))], None, pad_id)
-    batch.update(prefix_ids=prefixes["input_ids"], prefix_mask=prefixes["attention_mask"],
-                 prefix_of=torch.tensor(group_of, dtype=torch.long))
+    B, cut = len(examples), [lens[g] for g in group_of]
+    first = {g: b for b, g in reversed(list(enumerate(group_of)))}  # a row holding each group's prefix
+    prefixes = [examples[first[g]]["input_ids"][:lens[g]] for g in range(len(lens))]
+    batch = _pad([e["input_ids"][c:] for e, c in zip(examples, cut)] + prefixes,
+                 [e["targets"][c:] for e, c in zip(examples, cut)] + [[IGNORE] * len(p) for p in prefixes], pad_id)
+    batch["prefix_of"] = torch.tensor([B + g for g in group_of] + [-1] * len(lens), dtype=torch.long)
     return batch
 
 
 def row_tokens(batch: dict) -> int:
-    """The real tokens of a batch's rows, each row's shared prefix counted in full (as unshared)."""
-    n = int(batch["attention_mask"].sum())
-    if "prefix_ids" in batch:
-        n += int(batch["prefix_mask"].sum(-1)[batch["prefix_of"]].sum())
-    return n
+    """The real tokens of a batch's examples, each one's shared prefix counted in full (as unshared)."""
+    n = batch["attention_mask"].sum(-1)  # (rows,)
+    if "prefix_of" not in batch:
+        return int(n.sum())
+    p = batch["prefix_of"]
+    return int((n + torch.where(p >= 0, n[p.clamp(min=0)], 0))[p != -1].sum())
 
 
 def _pad(ids: list[list[int]], targets: list[list[int]] | None, pad_id: int) -> dict:

@@ -1,9 +1,10 @@
 """Rows that start with the same tokens, and which of them compute their common start once.
 
 Every row begins with BOS and the template's instruction, and the rows of one question share
-the question too (the embedded GSM8K files hold 4 solutions per question). A batch can then run
-a prefix once per group of rows (model/llama.py: `Llama.prefill`) and each row's rest after it
-(`Llama.hidden(..., cache=)`). Everything here works on token ids, never on text, so any prompt
+the question too (the embedded GSM8K files hold 4 solutions per question). A batch can then hold
+each shared prefix once, as a row of its own, and each example only as its tokens after its
+prefix (data/batches.py: collate; model/llama.py: `Llama.hidden(..., prefix_of=)` lets a row
+attend to its prefix row). Everything here works on token ids, never on text, so any prompt
 template, truncation or tokenizer merge is handled by construction: rows share exactly the ids
 they have in common.
 
@@ -11,20 +12,23 @@ Two decisions, both by the work they save:
   plan_groups(ids)      a batch's groups: which rows share which prefix, or None (no sharing)
   family_batches(ids)   scoring only: batches that keep rows with a long common start together
 
-What is "work": a forward pass costs about one unit per token slot it computes, padding
-included. Unshared, a batch of B rows costs B x (its longest row). Shared, G groups cost
-G x (their longest prefix) for the prefix pass plus B x (the longest rest) for the rows, plus
-PASS_COST for the extra pass (measured on CPU: the prefix pass's own overhead is worth about
-that many tokens of a 135M model). A grouping is used only when it costs less than no sharing and
-saves at least MIN_SAVED tokens -- for a batch of one row, or rows with nothing in common, the
-plain forward runs as before.
+What is "work": a token through a block's projections costs one unit, and attention about one
+unit per PAIRS_PER_TOKEN (query, key) pairs. Unshared, a batch of B rows runs padded: B x L
+tokens and B x L x L pairs for its longest row L. Shared, the projections see each real token
+once (a prefix once, then the rests; padding skipped), and the B + G rows (G prefixes) attend,
+padded to the longest of them T, over T + P keys (P: the longest prefix). A grouping is used
+only when it costs less than no sharing and saves at least MIN_SAVED tokens -- for a batch of one
+row, or rows with little in common, the batch stays as it was.
 """
 from __future__ import annotations
 
 import numpy as np
 
-PASS_COST = 16  # token slots: what the extra (prefix) pass costs beyond its tokens
-MIN_SAVED = 32  # tokens a grouping must save before it is worth a second pass
+MIN_SAVED = 32  # tokens a grouping must save before it is worth doing
+# Attention pairs that cost as much as one token's projections: measured on the default model on
+# a CPU, where attention is ~20% of a pass at ~275 keys per query (an 8B model's projections are
+# far larger, so this overstates its attention: sharing is then chosen a little less often).
+PAIRS_PER_TOKEN = 1000
 FAMILY_MARGIN = 8  # a family shares this many tokens more than what every row of the batch shares
 
 
@@ -81,10 +85,14 @@ def _prefix_lengths(ids: list[list[int]], groups: list[list[int]], targets, igno
     return lens
 
 
-def _slots(ids: list[list[int]], groups: list[list[int]], lens: list[int]) -> int:
-    """Token slots the two passes compute, padding included, plus PASS_COST."""
-    rest = max(len(ids[r]) - p for p, g in zip(lens, groups) for r in g)
-    return len(groups) * max(lens) + len(ids) * rest + PASS_COST
+def _work(ids: list[list[int]], groups: list[list[int]] | None, lens: list[int] | None = None) -> float:
+    """The work of a batch (module docstring): unshared (groups None) or shared as `groups`."""
+    if groups is None:
+        longest = max(len(x) for x in ids)
+        return len(ids) * longest + len(ids) * longest ** 2 / PAIRS_PER_TOKEN
+    rests = [len(ids[r]) - p for p, g in zip(lens, groups) for r in g]
+    rows, T, P = len(ids) + len(groups), max(rests + lens), max(lens)
+    return sum(rests) + sum(lens) + rows * T * (T + P) / PAIRS_PER_TOKEN
 
 
 def plan_groups(ids: list[list[int]], targets: list[list[int]] | None = None,
@@ -102,12 +110,12 @@ def plan_groups(ids: list[list[int]], targets: list[list[int]] | None = None,
         return None
     order = sorted(range(B), key=lambda i: ids[i])
     adjacent = [lcp(ids[order[k]], ids[order[k + 1]]) for k in range(B - 1)]
-    best, plain = None, B * max(len(x) for x in ids)
+    best, plain = None, _work(ids, None)
     for groups in ([list(range(B))], _families(ids, order, adjacent)):
         lens = _prefix_lengths(ids, groups, targets, ignore)
-        saved, slots = sum((len(g) - 1) * p for p, g in zip(lens, groups)), _slots(ids, groups, lens)
-        if saved >= MIN_SAVED and slots < plain and (best is None or slots < best[0]):
-            best = (slots, groups, lens)
+        saved, work = sum((len(g) - 1) * p for p, g in zip(lens, groups)), _work(ids, groups, lens)
+        if saved >= MIN_SAVED and work < plain and (best is None or work < best[0]):
+            best = (work, groups, lens)
     if best is None:
         return None
     _, groups, lens = best

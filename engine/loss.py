@@ -93,20 +93,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def hidden_states(model, batch: dict, device) -> torch.Tensor:
-    """The final hidden states (B, T, D) of a batch from data/batches.py: collate. When its rows
-    share prefixes, the prefixes go first (`Llama.prefill`, once per group), then each row's
-    rest continues its prefix (`Llama.hidden(..., cache=)`): the same numbers as the whole rows."""
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    if "prefix_ids" not in batch:
-        return model.hidden(ids, mask)
-    cache = model.prefill(batch["prefix_ids"].to(device), batch["prefix_mask"].to(device))
-    return model.hidden(ids, mask, cache=cache, cache_rows=batch["prefix_of"].to(device))
+    """The final hidden states (rows, T, D) of a batch from data/batches.py: collate; row b is
+    example b. When examples share prefixes, each prefix is a row after theirs, computed once in
+    the same pass (`Llama.hidden(..., prefix_of=)`): the same numbers as the whole rows."""
+    prefix_of = batch.get("prefix_of")
+    return model.hidden(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                        None if prefix_of is None else prefix_of.to(device))
 
 
 def compute_loss(model, batch: dict, loss_mode: str, device) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (fp32)."""
     targets = batch["targets"].to(device)
-    h = hidden_states(model, batch, device)  # (B, T, D)
+    h = hidden_states(model, batch, device)  # (rows, T, D); a shared prefix's row has no target
     if loss_mode == "answer":  # one target per row, at the cue: the head runs there only
         cue = batch["cue_pos"].to(device)
         rows = torch.arange(h.shape[0], device=device)

@@ -60,10 +60,9 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
             b = collate([examples[j] for j in sel], ds.pad_id, share)
             if counts is not None:
                 counts["row_tokens"] = counts.get("row_tokens", 0) + row_tokens(b)
-                counts["computed"] = counts.get("computed", 0) + int(b["attention_mask"].sum()) + \
-                    (int(b["prefix_mask"].sum()) if "prefix_ids" in b else 0)
-            h = hidden_states(model, b, device)  # (B, T, D)
-            h = h[torch.arange(len(sel), device=device), b["cue_pos"].to(device)]  # (B, D): at the cue
+                counts["computed"] = counts.get("computed", 0) + int(b["attention_mask"].sum())
+            h = hidden_states(model, b, device)  # (rows, T, D): row j is example sel[j] (then any prefix rows)
+            h = h[torch.arange(len(sel), device=device), b["cue_pos"][:len(sel)].to(device)]  # (B, D): at the cue
             two = h.float() @ head.t()  # (B, 2): the logits of " False" and " True", in fp32
             p_true[part[sel]] = torch.softmax(two, -1)[:, 1].cpu().double().numpy()
             bar.update(len(sel))

@@ -8,15 +8,14 @@ HF checkpoints are stored for that layout, so no Q/K permutation is needed here;
 in Meta's or llama.cpp's interleaved layout must be permuted by its converter (model/default.py).
 
 Positions come from the attention mask, so a left- or right-padded row gets the same outputs
-as the unpadded row. A key/value cache (`prefill`, then `hidden(..., cache=)`) lets rows that
-start with the same tokens -- the prompt's instruction, a question with several solutions --
-compute that prefix once (data/prefixes.py decides which rows share what). Nothing is a buffer: the model can be built on `meta` and loaded with
+as the unpadded row. Rows that start with the same tokens -- the prompt's instruction, a question
+with several solutions -- compute that prefix once: `hidden(..., prefix_of=)` reads a prefix
+row's keys and values, a key/value cache within the batch (data/prefixes.py decides who shares what). Nothing is a buffer: the model can be built on `meta` and loaded with
 `load_state_dict(assign=True)` (model/load.py).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +105,27 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def with_prefix(t: torch.Tensor, prefix_rows: torch.Tensor, slots: int) -> torch.Tensor:
+    """Keys (or values) (R, n_kv, T, hd) -> (R, n_kv, slots + T, hd): the first `slots` of each
+    row's prefix row's, then its own. The prefix row is read, not copied off the graph: backward
+    sums every reader's gradient into it."""
+    return torch.cat([t[prefix_rows][:, :, :slots], t], dim=2)
+
+
+def on_tokens(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """layer(x) for x (R, T, in), computed on the real tokens only (real: (R, T) bool), zeros at
+    padding: in a batch of prefixes and the rests after them, rows differ in length, and padding
+    would cost as much as tokens."""
+    return layer(x) if real is None else padded_back(layer(x[real]), real)
+
+
+def padded_back(y: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(N, C) values of the real tokens -> (R, T, C), zeros at padding."""
+    out = y.new_zeros(*real.shape, y.shape[-1])
+    out[real] = y
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -116,23 +136,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
-        """(output, this call's keys, values). past_k / past_v (B, n_kv, P, hd): a cached prefix
-        of each row (KVCache), attended to before the row's own tokens; `mask` then covers both."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, prefix=None):
+        """x (R, T, D) -> (R, T, D). prefix = (prefix_rows (R,), slots, real (R, T)): a key/value
+        cache within the batch -- row r continues row prefix_rows[r], so it attends to that row's
+        keys and values (after RoPE, this layer's) before its own; `mask` covers both parts."""
+        R, T, _ = x.shape
+        real = None if prefix is None else prefix[2]
+        xr = x if real is None else x[real]  # (N, D): the real tokens, when rows differ in length
+        q, k, v = (p(xr) if real is None else padded_back(p(xr), real) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(R, T, self.n_heads, self.hd).transpose(1, 2)  # (R, H, T, hd)
+        k = k.view(R, T, self.n_kv, self.hd).transpose(1, 2)  # (R, n_kv, T, hd)
+        v = v.view(R, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
-        new_k, new_v = k, v  # what a prefix pass keeps as its cache (after RoPE)
-        if past_k is not None:  # the prefix's keys and values come first: keys [prefix | own]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, n_kv, P + T, hd)
+        if prefix is not None:  # keys [prefix | own]: the prefix computed once, read by every row it starts
+            rows, slots, _ = prefix
+            k, v = with_prefix(k, rows, slots), with_prefix(v, rows, slots)  # (R, n_kv, slots + T, hd)
         # GQA: each group of n_heads / n_kv query heads reads one K/V head (no repeat copy).
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), new_k, new_v
+        return on_tokens(self.o_proj, y.transpose(1, 2).reshape(R, T, self.n_heads * self.hd), real)
 
 
 class MLP(nn.Module):
@@ -155,20 +179,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
-        """(output, this block's keys, values): see Attention.forward."""
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
-
-
-@dataclass
-class KVCache:
-    """Prefixes computed once (Llama.prefill): each layer's keys and values after RoPE, (G, n_kv,
-    P, hd) each, and the number of real tokens of each prefix (G,); the rest of P is padding."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    lengths: torch.Tensor
+    def forward(self, x, cos, sin, mask, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
+        return x + on_tokens(self.mlp, self.post_attention_layernorm(x), None if prefix is None else prefix[2])
 
 
 def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -176,10 +189,11 @@ def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     """(positions (B, T), attention mask (B, 1, T, past_slots + T) bool, or None for plain causal).
 
     Positions come from the attention mask (True on real tokens), so right padding changes nothing.
-    With a prefix, `past` (B,) counts each row's real prefix tokens among the `past_slots` cached
-    ones: the row's positions continue from there, and query t sees those prefix keys and its own
-    real tokens up to t -- never another prefix's padding. (SDPA's is_causal would align its
-    triangle top-left when query and key lengths differ, so a prefix always gets an explicit mask.)
+    With prefixes, `past` (B,) counts each row's real prefix tokens among the `past_slots` keys put
+    before its own (its prefix row's, padded; 0 for a row that continues nothing): the row's
+    positions continue from there, and query t sees those prefix keys and its own real tokens up
+    to t -- never a prefix's padding. (SDPA's is_causal aligns its triangle top-left when query and
+    key lengths differ, so prefixes always get an explicit mask.)
     """
     (B, T), device = input_ids.shape, input_ids.device
     if past is None and (attention_mask is None or bool(attention_mask.all())):
@@ -224,44 +238,35 @@ class Llama(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               cache: KVCache | None = None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D). With `cache` (from `prefill`), each row b continues
-        the cached prefix number cache_rows[b]: its tokens sit at the positions after that prefix
-        and attend to it, so the result is that of the whole row [prefix | input_ids]."""
-        x = self._embed(input_ids)  # (B, T, D)
-        past = None if cache is None else cache.lengths[cache_rows]  # (B,) prefix tokens before each row
-        positions, mask = positions_and_mask(input_ids, attention_mask, past,
-                                             0 if cache is None else cache.keys[0].shape[2])
-        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
-        for i, block in enumerate(self.model.layers):
-            past_kv = () if cache is None else (cache.keys[i][cache_rows], cache.values[i][cache_rows])
-            x, _, _ = self._block(block, x, cos, sin, mask, *past_kv)
-        return self.model.norm(x)
+               prefix_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (R, T, D) of right-padded rows (`attention_mask` True on real tokens).
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> KVCache:
-        """The key/value cache of a batch of prefixes (G, P): a forward pass over them that keeps
-        each layer's keys and values (after RoPE) for `hidden(..., cache=)`. Differentiable: in
-        training the gradient of every row that reads a prefix flows back into it, summed."""
-        x = self._embed(input_ids)
-        positions, mask = positions_and_mask(input_ids, attention_mask)
+        prefix_of (R,): rows that start with the same tokens compute them once. Row r with
+        prefix_of[r] = p >= 0 holds only the tokens that follow row p's: it sits at the positions
+        after them and attends to them, so its hidden states are those of the whole row [row p |
+        row r]; -1: a row that continues nothing. (A prefix row is a row of the same batch, so its
+        keys and values -- the cache -- are computed in the same pass, through the same GEMMs, and
+        every row reading them sends its gradient back into them.)
+        """
+        x = self.model.embed_tokens(input_ids)  # (R, T, D)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        past = prefix = None
+        if prefix_of is not None:
+            R, T = input_ids.shape
+            real = torch.ones(R, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+                else attention_mask.bool()
+            rows = torch.where(prefix_of >= 0, prefix_of, torch.arange(R, device=input_ids.device))
+            past = torch.where(prefix_of >= 0, real.sum(-1)[rows], 0)  # (R,) prefix tokens before each row's first
+            prefix = (rows, int(past.max()), real)
+        positions, mask = positions_and_mask(input_ids, attention_mask, past, 0 if prefix is None else prefix[1])
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
-        keys, values = [], []
         for block in self.model.layers:
-            x, k, v = self._block(block, x, cos, sin, mask)
-            keys.append(k)
-            values.append(v)
-        G, P = input_ids.shape
-        lengths = torch.full((G,), P, device=input_ids.device) if attention_mask is None else attention_mask.sum(-1)
-        return KVCache(keys, values, lengths)
-
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        return x if self.compute_dtype is None else x.to(self.compute_dtype)
-
-    def _block(self, block: Block, *args):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return recompute_in_backward(block, *args, use_reentrant=False)
-        return block(*args)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = recompute_in_backward(block, x, cos, sin, mask, prefix, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, prefix)
+        return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()

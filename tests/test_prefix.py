@@ -51,16 +51,18 @@ def padded(rows):
 
 
 def whole_and_shared(model, rests=RESTS, of=OF, prefixes=PREFIXES):
-    """(hidden states of the whole rows at the rests' positions, those of the rests after the cache)."""
+    """(hidden states of the whole rows at the rests' positions, those of the rests reading their
+    prefix rows), real tokens only."""
     ids, mask = padded([prefixes[p] + r for p, r in zip(of, rests)])
     whole = model.hidden(ids, mask)
-    cache = model.prefill(*padded(prefixes))
-    got = model.hidden(*padded(rests), cache=cache, cache_rows=torch.tensor(of))
+    B = len(rests)
+    prefix_of = torch.tensor([B + p for p in of] + [-1] * len(prefixes))
+    got = model.hidden(*padded(rests + prefixes), prefix_of)[:B]
     ref = torch.zeros_like(got)
     for b, (p, r) in enumerate(zip(of, rests)):
         ref[b, :len(r)] = whole[b, len(prefixes[p]):len(prefixes[p]) + len(r)]
-    _, rest_mask = padded(rests)
-    return ref[rest_mask], got[rest_mask]  # real tokens only
+    rest_mask = padded(rests + prefixes)[1][:B]
+    return ref[rest_mask], got[rest_mask]
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -92,12 +94,11 @@ def test_the_equality_check_catches_each_fault(monkeypatch, fault):
 
 
 def test_a_row_reading_another_groups_prefix_is_caught():
-    ref, got = whole_and_shared(tiny_model(), of=OF)
-    model = tiny_model()
-    cache = model.prefill(*padded(PREFIXES))
-    wrong = model.hidden(*padded(RESTS), cache=cache, cache_rows=torch.tensor([1, 0, 0, 1, 2]))
-    assert (wrong[padded(RESTS)[1]] - ref).abs().max() > 1e-3
+    ref, got = whole_and_shared(tiny_model())
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    _, wrong = whole_and_shared(tiny_model(), of=[1, 0, 0, 1, 2], prefixes=PREFIXES)  # rows 0-3 swap prefixes
+    ref_wrong, _ = whole_and_shared(tiny_model(), of=OF)
+    assert (wrong - ref_wrong).abs().max() > 1e-3
 
 
 def lora_model(seed=0):
@@ -123,11 +124,16 @@ def test_the_prefix_gets_the_summed_gradient_of_its_rows(checkpointing):
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     for n in grads["whole"]:  # float rounding only: measured <= 1e-6 of each gradient's size
         assert (grads["shared"][n] - grads["whole"][n]).norm() <= 1e-5 * grads["whole"][n].norm(), n
-    # A prefix cut off from the graph (a detach) changes the gradient: the check would see it.
-    model = lora_model()
-    cache = model.prefill(*padded(PREFIXES))
-    cache = llama.KVCache([k.detach() for k in cache.keys], [v.detach() for v in cache.values], cache.lengths)
-    (W * model.hidden(*padded(RESTS), cache=cache, cache_rows=torch.tensor(OF))[padded(RESTS)[1]]).sum().backward()
+    # A prefix cut off from the graph (read through a detach) changes the gradient: the check sees it.
+    real = llama.with_prefix
+    llama.with_prefix = lambda t, rows, slots: torch.cat([t[rows][:, :, :slots].detach(), t], dim=2)
+    try:
+        model = lora_model()
+        model.grad_checkpointing = checkpointing
+        _, got = whole_and_shared(model)
+        (W * got).sum().backward()
+    finally:
+        llama.with_prefix = real
     a = next(n for n in grads["whole"] if "layers.0.self_attn.q_proj.lora_B" in n)
     assert (dict(model.named_parameters())[a].grad - grads["whole"][a]).abs().max() > 1e-4
 
@@ -162,12 +168,13 @@ def test_a_shared_batch_holds_the_same_rows():
     instr = list(range(1, 41))
     ex = [{"input_ids": instr + [50 + i] * (i + 1) + [2], "targets": [IGNORE] * (41 + i) + [7 + i]} for i in range(4)]
     plain, shared = collate(ex, 0), collate(ex, 0, share=True)
-    assert "prefix_ids" in shared and "prefix_ids" not in plain
+    assert "prefix_of" in shared and "prefix_of" not in plain
+    assert shared["prefix_of"].tolist() == [4, 4, 4, 4, -1]  # one prefix row, after the four examples
+    real = lambda r: shared["input_ids"][r][shared["attention_mask"][r]].tolist()
     for b in range(4):
-        p = shared["prefix_ids"][shared["prefix_of"][b]][shared["prefix_mask"][shared["prefix_of"][b]]].tolist()
-        rest = shared["input_ids"][b][shared["attention_mask"][b]].tolist()
-        assert p + rest == ex[b]["input_ids"]
+        assert real(shared["prefix_of"][b]) + real(b) == ex[b]["input_ids"]
         assert shared["targets"][b, shared["cue_pos"][b]] == 7 + b  # the label at the cue, in the rest
+    assert (shared["targets"][4] == IGNORE).all()  # a prefix row has no target
     assert row_tokens(shared) == row_tokens(plain) == sum(len(e["input_ids"]) for e in ex)
 
 
@@ -203,31 +210,28 @@ def rows_of(work, name):
 def test_scoring_shares_and_gives_the_unshared_p_true(work):
     ds, tok = rows_of(work, "val.csv")
     model = build_model(work / "model", "fp32", CPU)
-    seen = []
-    real = model.prefill
-    model.prefill = lambda *a, **k: seen.append(a[0].shape) or real(*a, **k)
-    shared = score(model, ds, 8, CPU, tok.label_ids(), progress=False)
-    assert seen, "no batch shared a prefix"
-    del model.prefill
-    plain = score(model, ds, 8, CPU, tok.label_ids(), progress=False, share=False)
+    counts, plain_counts = {}, {}
+    shared = score(model, ds, 8, CPU, tok.label_ids(), progress=False, counts=counts)
+    plain = score(model, ds, 8, CPU, tok.label_ids(), progress=False, share=False, counts=plain_counts)
+    assert counts["row_tokens"] == plain_counts["row_tokens"] == plain_counts["computed"]
+    assert counts["computed"] < 0.85 * counts["row_tokens"]  # the instruction once per batch
     np.testing.assert_allclose(shared, plain, atol=1e-5)
 
 
 def test_training_shares_the_prefix_with_the_same_losses(work, tmp_path, monkeypatch):
     # Dropout off: sharing must change nothing but float rounding, step after step.
     runs, passes = {}, []
-    real = llama.Llama.prefill
-    monkeypatch.setattr(llama.Llama, "prefill", lambda self, *a: passes.append(a[0].shape) or real(self, *a))
+    real = llama.Llama.hidden
+    monkeypatch.setattr(llama.Llama, "hidden", lambda self, ids, mask=None, prefix_of=None:
+                        passes.append(prefix_of is not None) or real(self, ids, mask, prefix_of))
     for mode in ("on", "off"):
         out = tmp_path / mode
         assert train.main(train_args(work, out, "--steps", "3", "--batch-size", "4", "--grad-accum", "2",
                                      "--dropout", "0", "--lr", "3e-3", "--share-prefixes", mode, "--max-seq-len", "256",
                                      "--activations", "fp32")) == 0  # (bf16 rounds differently per shape)
         runs[mode] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        if mode == "on":
-            assert len(passes) >= 6  # every micro-batch (and the evaluations) shared its prefix
-            n_on = len(passes)
-    assert len(passes) == n_on  # off: none
+        shared, passes[:] = sum(passes), []
+        assert shared >= 6 if mode == "on" else shared == 0  # every micro-batch (and evaluation) shared, or none
     losses = {m: [r["loss"] for r in rs if "loss" in r] for m, rs in runs.items()}
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5)
     acc = {m: [r["eval"]["accuracy"] for r in rs if "eval" in r] for m, rs in runs.items()}
@@ -237,7 +241,7 @@ def test_training_shares_the_prefix_with_the_same_losses(work, tmp_path, monkeyp
 def test_a_training_batch_shares_its_instruction(work):
     ds, _ = rows_of(work, "train.csv")
     b = ds.batch([0, 1, 2, 3], share=True)
-    assert "prefix_ids" in b and b["prefix_ids"].shape[0] == 1  # one group: the template's start
+    assert b["prefix_of"].tolist() == [4, 4, 4, 4, -1]  # one group: the template's start
     model = build_model(work / "model", "fp32", CPU)
     apply_lora(model, r=4, alpha=8, dropout=0.0)
     for m in lora_modules(model).values():
