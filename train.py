@@ -39,7 +39,8 @@ from engine.loss import compute_loss, count_targets
 from engine.memory import decide_grad_checkpointing, estimate_peak_gib
 from engine.optim import get_lr, make_optimizer
 from engine.score import evaluate
-from engine.setup import build_for_training, load_data, training_record, truncated_share
+from engine.setup import (RUNS, build_for_training, load_data, point_latest, run_folder, training_record,
+                          truncated_share)
 from lora.io import save_adapter
 from model.default import default_model_dir
 from model.precision import default_precision
@@ -179,9 +180,16 @@ def train(cfg: TrainConfig) -> int:
             setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     rank, world, device = setup_distributed(cfg.device)
     cfg.precision = cfg.precision or default_precision(device)
+    out, new = run_folder(cfg, rank, world)
+    cfg.out = str(out)  # (args.json and the checkpoint record the folder chosen)
+    if new and rank == 0:
+        print(f"run folder {out} (new: no --out given; {RUNS / 'latest'} will point to it)", file=sys.stderr)
     model_dir, out, ckpt_dir, record, lock = check_out_and_resume(cfg, device, rank == 0)
     try:
-        return loop(set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device))
+        t = set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device)
+        if new and rank == 0:  # once the run has started: a run that failed its set-up is not "latest"
+            point_latest(out)
+        return loop(t)
     finally:
         if lock:
             lock.release()
