@@ -38,7 +38,7 @@ from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
 from engine.memory import decide_grad_checkpointing, estimate_peak_gib
 from engine.optim import get_lr, make_optimizer
-from engine.score import evaluate
+from engine.score import ScoringStopped, evaluate
 from engine.setup import (RUNS, build_for_training, load_data, point_latest, run_folder, training_record,
                           truncated_share)
 from lora.io import save_adapter
@@ -203,10 +203,15 @@ def loop(t: TrainState) -> int:
     stop = StopSignal()  # SIGTERM / Ctrl-C: finish the step in flight, checkpoint, exit
     best = max(((r["eval"]["accuracy"], r["step"]) for r in t.log.records if "eval" in r),
                key=lambda b: b[0], default=(-1.0, None))  # the first of equals: as `>` picks
-    if t.step == 0 and t.rank == 0:
-        best = evaluate_and_keep_best(t, best)
-    if t.world > 1:
-        dist.barrier()
+    # Step 0's evaluation; on --resume, the checkpoint step's if a signal skipped or abandoned it.
+    done = any("eval" in r and r["step"] == t.step for r in t.log.records)
+    if t.rank == 0 and evaluation_step(cfg, t.step) and not done:
+        best = evaluate_and_keep_best(t, best, stop)
+    if t.world > 1:  # waits for rank 0's evaluation, as a barrier would, and shares a signal it got meanwhile
+        stop.agree(t.device)
+    if stop.signal:  # stopped during that evaluation: a checkpoint all the same, for --resume
+        t.ckpt_dir = save_all_ranks(t, stop)
+        return stopped(t, stop)
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=t.step, desc="train", unit="step", disable=t.rank != 0, file=sys.stderr)
@@ -247,18 +252,16 @@ def loop(t: TrainState) -> int:
         last_step = t.step == cfg.steps
         if t.world > 1:  # every rank stops after the same step, or the others hang in all_reduce
             stop.agree(t.device)
-        if t.rank == 0 and not stop.signal and (last_step or cfg.eval_every and t.step % cfg.eval_every == 0):
-            best = evaluate_and_keep_best(t, best)
+        if t.rank == 0 and not stop.signal and evaluation_step(cfg, t.step):
+            best = evaluate_and_keep_best(t, best, stop)
             plot(t.out, t.log.records)
-        if t.world > 1:
-            dist.barrier()
+        if t.world > 1:  # as after step 0: wait for rank 0's evaluation, take any signal it got
+            stop.agree(t.device)
         if last_step or t.step % cfg.save_every == 0 or stop.signal:
             t.ckpt_dir = save_all_ranks(t, stop)
             if stop.signal:
                 bar.close()
-                print(f"signal {stop.signal}: checkpoint written to {t.ckpt_dir} at step {t.step}; "
-                      f"continue with --resume", file=sys.stderr)
-                return 128 + stop.signal
+                return stopped(t, stop)
     bar.close()
 
     if t.rank == 0:
@@ -269,10 +272,21 @@ def loop(t: TrainState) -> int:
     return 0
 
 
-def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None]) -> tuple[float, int | None]:
+def evaluation_step(cfg: TrainConfig, step: int) -> bool:
+    """Step 0, every --eval-every steps, and the last."""
+    return step == 0 or step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+
+def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None], stop: StopSignal) -> tuple[float, int | None]:
     """Score the validation rows; the adapters saved from now on carry the tuned threshold; a new
-    best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0)."""
-    m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log)
+    best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0). A signal abandons
+    the evaluation at its next batch: it has nothing to save, and the run is stopping."""
+    try:
+        m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log,
+                         should_stop=lambda: stop.signal is not None)
+    except ScoringStopped:
+        tqdm.write(f"step {t.step:>5} validation: abandoned (signal {stop.signal})", file=sys.stderr)
+        return best
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
@@ -302,6 +316,13 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
             save_checkpoint(t.out / "checkpoint", t.model, t.opt, t.scaler, t.sampler, t.step, t.cfg.to_dict(),
                             t.record, rngs)
     return t.out / "checkpoint"
+
+
+def stopped(t: TrainState, stop: StopSignal) -> int:
+    """The end of a run stopped by a signal, its checkpoint written: the exit code 128 + signal."""
+    print(f"signal {stop.signal}: checkpoint written to {t.ckpt_dir} at step {t.step}; "
+          f"continue with the same command plus --resume", file=sys.stderr)
+    return 128 + stop.signal
 
 
 def last_good(t: TrainState) -> str:

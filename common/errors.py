@@ -20,9 +20,10 @@ class UserError(Exception):
 
 
 def cli_entry(main) -> None:
-    """sys.exit(main()), with a UserError as `error: <message>` and exit code 2.
+    """sys.exit(main()), with a UserError as `error: <message>` and exit code 2, and a Ctrl-C that
+    reaches it (the second one, in train.py) as one line and exit code 130, the shell's.
 
-    LLAMA3_LORA_DEBUG=1 shows the traceback of a UserError too.
+    LLAMA3_LORA_DEBUG=1 shows the traceback of a UserError (or of a Ctrl-C) too.
     """
     try:
         sys.exit(main())
@@ -31,3 +32,8 @@ def cli_entry(main) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("LLAMA3_LORA_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

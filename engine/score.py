@@ -19,14 +19,20 @@ from lora.inject import lora_modules, remove_lora
 from lora.io import load_adapter
 
 
+class ScoringStopped(Exception):
+    """`score` gave up between two batches because its `should_stop()` said so."""
+
+
 @torch.no_grad()
 def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-          progress: bool = True, chunk_rows: int = 1024) -> np.ndarray:
+          progress: bool = True, chunk_rows: int = 1024, should_stop=None) -> np.ndarray:
     """p_true for every row of `ds`, in row order.
 
     Rows go in order of character length, `chunk_rows` at a time; each chunk is tokenized, then
     re-sorted by token count and cut into batches, so a batch's rows have (nearly) the same
-    number of tokens and little of a batch is padding.
+    number of tokens and little of a batch is padding. should_stop: a callable asked before each
+    batch; when it returns True, ScoringStopped is raised (train.py: Ctrl-C during an evaluation,
+    which has nothing to save, so it is abandoned rather than finished).
     """
     was_training = model.training
     model.eval()
@@ -40,6 +46,10 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
         examples = ds.get_batch(part)  # tokenizes the chunk
         by_tokens = np.argsort([len(ex["input_ids"]) for ex in examples], kind="stable")
         for s in range(0, len(by_tokens), batch_size):
+            if should_stop is not None and should_stop():
+                bar.close()
+                model.train(was_training)
+                raise ScoringStopped
             sel = by_tokens[s:s + batch_size]
             b = collate([examples[j] for j in sel], ds.pad_id)
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
@@ -119,11 +129,12 @@ def format_metrics(m: dict) -> str:
             f"R={m['recall']:.3f} F1={m['f1']:.3f} [tp={c['tp']} fp={c['fp']} fn={c['fn']} tn={c['tn']}]")
 
 
-def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log) -> tuple[dict, dict]:
+def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log,
+             should_stop=None) -> tuple[dict, dict]:
     """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
     threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
-    "accuracy_at_threshold", "best_cut"}."""
-    p = score(model, val_ds, batch_size, device, label_ids)
+    "accuracy_at_threshold", "best_cut"}. should_stop: as score's (ScoringStopped; nothing logged)."""
+    p = score(model, val_ds, batch_size, device, label_ids, should_stop=should_stop)
     y = val_ds.df["is_correct"].to_numpy()
     m = metrics(y, p)
     cut, acc = best_threshold(y, p)

@@ -1,15 +1,16 @@
 """What a newcomer meets first: runs without --out never clobber each other and runs/latest names
-the newest; predict.py says which file it scored."""
+the newest; Ctrl-C during an evaluation is acknowledged and abandons it, with a checkpoint."""
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 import predict
 import train
-from common.errors import UserError
+from common.errors import UserError, cli_entry
 from tiny import make_workdir, train_args
 
 
@@ -93,3 +94,72 @@ def test_an_explicit_out_keeps_its_protection(tiny, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="holds another run: add --resume to continue it or --overwrite"):
         train.main(train_args(tiny, out, "--steps", "1"))
     assert not (tmp_path / "runs").exists()
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def signal_in_evaluation(monkeypatch, at_batch: int, signals: int, log: dict):
+    """train.py's model, its forward counted while it scores (eval mode: engine/score.py's batches);
+    in the `at_batch`-th such batch it sends itself SIGINT `signals` times, then records what
+    stderr showed by the time that batch's forward returned."""
+    real = train.build_for_training
+
+    def build(*a, **k):
+        model, summary = real(*a, **k)
+        forward = model.forward
+
+        def counted(*fa, **fk):
+            if not model.training:
+                log["batches"] += 1
+                if log["batches"] == at_batch:
+                    for _ in range(signals):
+                        os.kill(os.getpid(), signal.SIGINT)
+                    log["err_by_then"] = log["capfd"].readouterr().err
+            return forward(*fa, **fk)
+        model.forward = counted
+        return model, summary
+    monkeypatch.setattr(train, "build_for_training", build)
+
+
+@pytest.mark.parametrize("evaluation, step", [(1, 0), (2, 2)])  # the step-0 one, one inside the loop
+def test_ctrl_c_during_an_evaluation_is_acknowledged_and_abandons_it_with_a_checkpoint(
+        tiny, tmp_path, monkeypatch, capfd, evaluation, step):
+    per_eval = 16 // 2  # validation rows / --eval-batch-size
+    log = {"batches": 0, "capfd": capfd}
+    signal_in_evaluation(monkeypatch, at_batch=(evaluation - 1) * per_eval + 1, signals=1, log=log)
+    out = tmp_path / "run"
+    args = train_args(tiny, out, "--batch-size", "2", "--grad-accum", "1", "--steps", "6", "--eval-every", "2",
+                      "--eval-batch-size", "2")
+    assert train.main(args) == 128 + signal.SIGINT
+    # Acknowledged while the first batch was still being scored, before any next batch ...
+    assert "stopping (SIGINT): an evaluation in flight is abandoned at its next batch" in log["err_by_then"]
+    assert "second Ctrl-C quits at once" in log["err_by_then"]
+    # ... and no further batch was scored: the evaluation was abandoned, not finished.
+    assert log["batches"] == (evaluation - 1) * per_eval + 1
+    err = capfd.readouterr().err
+    assert f"step {step:>5} validation: abandoned" in err
+    assert f"checkpoint written to {out / 'checkpoint'} at step {step}" in err
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == step
+    assert [r["step"] for r in records(out) if "eval" in r] == list(range(0, step, 2))  # none for the abandoned
+    # The checkpoint continues: the abandoned evaluation is done first, then the run completes.
+    monkeypatch.undo()
+    assert train.main(args + ["--resume"]) == 0
+    assert [r["step"] for r in records(out) if "eval" in r] == [0, 2, 4, 6]
+
+
+def test_a_second_ctrl_c_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch, capfd):
+    log = {"batches": 0, "capfd": capfd}
+    signal_in_evaluation(monkeypatch, at_batch=1, signals=2, log=log)
+    with pytest.raises(KeyboardInterrupt):  # raised by the second signal, in the batch it arrived in
+        train.main(train_args(tiny, tmp_path / "run", "--steps", "2", "--eval-batch-size", "2"))
+    assert log["batches"] == 1 and "err_by_then" not in log
+    assert "stopping at once (SIGINT): no new checkpoint" in capfd.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exited:  # as the command line ends: one line, the shell's code
+        cli_entry(interrupted)
+    assert exited.value.code == 130 and capfd.readouterr().err == "interrupted\n"
