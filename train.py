@@ -36,7 +36,7 @@ from engine.config import RESUME_KEYS, TrainConfig, flag, parse_train_args
 from engine.distributed import StopSignal, all_reduce_grads, setup_distributed
 from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
-from engine.memory import decide_grad_checkpointing, estimate_peak_gib
+from engine.memory import decide_grad_checkpointing, estimate_peak_gib, peak_rss_gib
 from engine.optim import get_lr, make_optimizer
 from engine.score import ScoringStopped, evaluate
 from engine.setup import (RUNS, build_for_training, load_data, point_latest, run_folder, training_record,
@@ -254,7 +254,6 @@ def loop(t: TrainState) -> int:
             stop.agree(t.device)
         if t.rank == 0 and not stop.signal and evaluation_step(cfg, t.step):
             best = evaluate_and_keep_best(t, best, stop)
-            plot(t.out, t.log.records)
         if t.world > 1:  # as after step 0: wait for rank 0's evaluation, take any signal it got
             stop.agree(t.device)
         if last_step or t.step % cfg.save_every == 0 or stop.signal:
@@ -288,6 +287,8 @@ def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None], stop: 
         tqdm.write(f"step {t.step:>5} validation: abandoned (signal {stop.signal})", file=sys.stderr)
         return best
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
+    with disk_errors(t.out):
+        plot(t.out, t.log.records)
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
         save_adapter(t.model, t.out / "best", base_model_name_or_path=str(t.model_dir), record=t.record)
@@ -298,8 +299,9 @@ def log_step(t: TrainState, bar, loss: float, lr: float, gnorm: float, n_tokens:
     """One metrics.jsonl record per optimizer step, and the progress bar's numbers."""
     tok_s = n_tokens * t.world / (time.perf_counter() - t0)
     rec = {"step": t.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tok_s, 1)}
-    if t.device.type == "cuda":
+    if t.device.type == "cuda":  # the GPU's allocator peak
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(t.device) / 2**30, 2)
+    rec["peak_rss_gib"] = round(peak_rss_gib(), 2)  # this process's peak host memory, on any device
     t.log(rec)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update(1)
@@ -315,6 +317,8 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
         with stop.deferred(), disk_errors(t.out):  # a second signal now must not tear the save
             save_checkpoint(t.out / "checkpoint", t.model, t.opt, t.scaler, t.sampler, t.step, t.cfg.to_dict(),
                             t.record, rngs)
+        with disk_errors(t.out):  # the metrics so far, drawn whenever a checkpoint is (a stop's included)
+            plot(t.out, t.log.records)
     return t.out / "checkpoint"
 
 

@@ -1,5 +1,6 @@
 """What a newcomer meets first: runs without --out never clobber each other and runs/latest names
-the newest; Ctrl-C during an evaluation is acknowledged and abandons it, with a checkpoint."""
+the newest; Ctrl-C during an evaluation is acknowledged and abandons it, with a checkpoint;
+loss.png and the memory figures are there whenever metrics are."""
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 import predict
 import train
 from common.errors import UserError, cli_entry
+from engine.log import plot
 from tiny import make_workdir, train_args
 
 
@@ -143,6 +145,7 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_and_abandons_it_with_a_chec
     assert f"checkpoint written to {out / 'checkpoint'} at step {step}" in err
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == step
     assert [r["step"] for r in records(out) if "eval" in r] == list(range(0, step, 2))  # none for the abandoned
+    assert (out / "loss.png").is_file()
     # The checkpoint continues: the abandoned evaluation is done first, then the run completes.
     monkeypatch.undo()
     assert train.main(args + ["--resume"]) == 0
@@ -163,3 +166,41 @@ def test_a_second_ctrl_c_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exited:  # as the command line ends: one line, the shell's code
         cli_entry(interrupted)
     assert exited.value.code == 130 and capfd.readouterr().err == "interrupted\n"
+
+
+def test_a_run_stopped_before_any_evaluation_in_the_loop_has_its_plot_and_host_memory(tiny, tmp_path, monkeypatch):
+    real, calls = train.compute_loss, []
+
+    def sigterm_in_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the step finishes, a checkpoint is written
+        return real(*a, **k)
+    monkeypatch.setattr(train, "compute_loss", sigterm_in_step_2)
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny, out, "--batch-size", "2", "--grad-accum", "1", "--steps", "50")) == \
+        128 + signal.SIGTERM
+    assert (out / "loss.png").is_file()  # drawn at the stop's checkpoint, not only after an evaluation
+    steps = [r for r in records(out) if "loss" in r]
+    assert len(steps) == 2 and all(r["peak_rss_gib"] > 0.1 for r in steps)  # a CPU run: host memory
+    assert all("peak_gib" not in r for r in steps)  # (that name is CUDA's allocator peak)
+
+
+def test_loss_png_marks_evaluations_as_points_and_smooths_the_step_losses(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figs, real_save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), real_save(self, *a, **k)))
+    recs = [{"step": 0, "eval": {"accuracy": 0.44, "auc": 0.47}, "threshold": {"accuracy_at_threshold": 0.55}}]
+    recs += [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 31)]  # alternating 1, 2, 1, 2 ...
+    recs += [{"step": 30, "eval": {"accuracy": 0.57, "auc": 0.61}, "threshold": {"accuracy_at_threshold": 0.61}}]
+    plot(tmp_path, recs)
+    assert (tmp_path / "loss.png").is_file()
+    loss_ax, eval_ax = figs[0].axes
+    raw, smooth = loss_ax.get_lines()
+    assert raw.get_alpha() < 0.5 and list(raw.get_ydata()) == [1.0 + (s % 2) for s in range(1, 31)]
+    assert max(smooth.get_ydata()[3:]) - min(smooth.get_ydata()[3:]) < 0.5  # the mean of 3 steps: flatter
+    series = {line.get_label(): line for line in eval_ax.get_lines()}
+    assert set(series) == {"val accuracy (cut 0.5)", "val accuracy, tuned threshold", "val ROC-AUC"}
+    assert all(line.get_linestyle() == "None" for line in series.values())  # points, no line between them
+    assert list(series["val accuracy, tuned threshold"].get_ydata()) == [0.55, 0.61]
