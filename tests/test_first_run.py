@@ -1,12 +1,14 @@
 """What a newcomer meets first: runs without --out never clobber each other and runs/latest names
 the newest; Ctrl-C during an evaluation is acknowledged and abandons it, with a checkpoint;
-loss.png and the memory figures are there whenever metrics are."""
+loss.png and the memory figures are there whenever metrics are; predict.py says which file it
+scored."""
 import hashlib
 import json
 import os
 import signal
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import predict
@@ -52,6 +54,13 @@ def test_the_cards_commands_after_the_readmes_start_a_new_run_and_leave_the_firs
     assert predict.main(["--adapter", "runs/latest/adapter_model.safetensors", "--data", str(tiny / "val.csv"),
                          "--out", "submission.csv", "--device", "cpu"]) == 0
     assert len((tmp_path / "submission.csv").read_text().splitlines()) == 1 + 16
+    capsys.readouterr()
+
+    # Without --data, predict.py says what it scored and how to score your own.
+    assert predict.main(["--adapter", "runs/latest", "--out", "val.csv", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "no --data given: scoring data/gsm8k_val.csv, the embedded validation set (--data FILE scores your own)" in err
+    assert len(pd.read_csv(tmp_path / "val.csv")) == len(pd.read_csv(predict.DEFAULT_DATA))
 
 
 def test_resume_without_out_continues_the_latest_run(tiny, tmp_path, monkeypatch, capsys):
