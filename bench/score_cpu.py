@@ -17,7 +17,7 @@ Run from the repository root:
 
     python -m bench.score_cpu                                    # 200 validation rows, batch 16
     python -m bench.score_cpu --rows 64 --steps 2                # the README's scoring table
-    python -m bench.score_cpu --adapter runs/default --rows 500
+    python -m bench.score_cpu --adapter runs/latest --rows 500
     python -m bench.score_cpu --rows 16 --steps 1 --max-seq-len 256   # smoke test, < 1 min
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def random_adapter(model_dir: Path, out: Path, seed: int, b_std: float, r: int, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.score_cpu", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter folder or file (default: a random seeded adapter)")
     p.add_argument("--data", default=str(REPO / "data" / "gsm8k_val.csv"), help="rows to score")
