@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="where the default model is converted and kept")
     p.add_argument("--adapter", nargs="+", help="adapter file(s) (adapter_model.safetensors, or any name) or folder(s); "
                                                 "several: an ensemble, their p_true averaged (omit: the base model)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV / Parquet / JSONL with question, answer, solution")
+    p.add_argument("--data", help="CSV / Parquet / JSONL with question, answer, solution (default: the embedded "
+                                  "validation set, data/gsm8k_val.csv)")
     p.add_argument("--skip-bad-rows", action="store_true", help=f"skip bad rows (predicted {FALLBACK}) instead of stopping")
     # prompt and decision
     p.add_argument("--prompt-file", help="prompt template with {question} {answer} {solution} (default: the adapter's, else built-in)")
@@ -211,6 +212,10 @@ def write_outputs(args, out: Path, ids: list, pred: np.ndarray, p_true: np.ndarr
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.data is None:  # say so: a "submission" of the embedded validation set is rarely what is wanted
+        args.data = str(DEFAULT_DATA)
+        print(f"no --data given: scoring {DEFAULT_DATA.relative_to(REPO)}, the embedded validation set "
+              f"(--data FILE scores your own)", file=sys.stderr)
     out = check_paths(args)
     device = resolve_device(args.device)
     s = settings(args, device)

@@ -1,5 +1,5 @@
 """A guided tour of the two ideas this project is built on: an 8-bit frozen base and a LoRA
-adapter beside it. Run it (`python tour.py`, a second on a CPU) and read it top to bottom; each
+adapter beside it. Run it (`python tour.py`, seconds on a CPU) and read it top to bottom; each
 step names the file and function that does the same thing in the real model. Every claim it
 prints is also asserted, and tests/test_tour.py runs it, so it cannot drift from the code.
 """

@@ -37,10 +37,11 @@ from engine.config import RESUME_KEYS, TrainConfig, flag, parse_train_args
 from engine.distributed import StopSignal, all_reduce_grads, setup_distributed
 from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
-from engine.memory import decide_grad_checkpointing, estimate_peak_gib, total_memory_gib
+from engine.memory import decide_grad_checkpointing, estimate_peak_gib, peak_rss_gib, total_memory_gib
 from engine.optim import get_lr, make_optimizer
-from engine.score import NonFiniteScores, evaluate
-from engine.setup import build_for_training, clear_run, load_data, training_record, truncated_share
+from engine.score import NonFiniteScores, ScoringStopped, evaluate
+from engine.setup import (RUNS, build_for_training, clear_run, load_data, point_latest, run_folder, training_record,
+                          truncated_share)
 from lora.io import read_record, save_adapter
 from model.default import default_model_dir
 from model.precision import choose_activations, default_precision
@@ -195,9 +196,16 @@ def train(cfg: TrainConfig) -> int:
     rank, world, device = setup_distributed(cfg.device)
     cfg.precision = cfg.precision or default_precision(device)
     cfg.activations, why = choose_activations(cfg.precision, device, cfg.activations)  # recorded as resolved
+    out, new = run_folder(cfg, rank, world)
+    cfg.out = str(out)  # (args.json and the checkpoint record the folder chosen)
+    if new and rank == 0:
+        print(f"run folder {out} (new: no --out given; {RUNS / 'latest'} will point to it)", file=sys.stderr)
     model_dir, out, ckpt_dir, record, lock = check_out_and_resume(cfg, device, rank == 0)
     try:
-        return loop(set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device, why))
+        t = set_up(cfg, model_dir, out, ckpt_dir, record, rank, world, device, why)
+        if new and rank == 0:  # once the run has started: a run that failed its set-up is not "latest"
+            point_latest(out)
+        return loop(t)
     finally:
         if lock:
             lock.release()
@@ -211,10 +219,15 @@ def loop(t: TrainState) -> int:
     stop = StopSignal()  # SIGTERM / Ctrl-C: finish the step in flight, checkpoint, exit
     best = max(((r["eval"]["accuracy"], r["step"]) for r in t.log.records if "eval" in r),
                key=lambda b: b[0], default=(-1.0, None))  # the first of equals: as `>` picks
-    if t.step == 0 and t.rank == 0:
-        best = evaluate_and_keep_best(t, best)
-    if t.world > 1:
-        dist.barrier()
+    # Step 0's evaluation; on --resume, the checkpoint step's if a signal skipped or abandoned it.
+    done = any("eval" in r and r["step"] == t.step for r in t.log.records)
+    if t.rank == 0 and evaluation_step(cfg, t.step) and not done:
+        best = evaluate_and_keep_best(t, best, stop)
+    if t.world > 1:  # waits for rank 0's evaluation, as a barrier would, and shares a signal it got meanwhile
+        stop.agree(t.device)
+    if stop.signal:  # stopped during that evaluation: a checkpoint all the same, for --resume
+        t.ckpt_dir = save_all_ranks(t, stop)
+        return stopped(t, stop)
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=t.step, desc="train", unit="step", disable=t.rank != 0, file=sys.stderr)
@@ -263,18 +276,15 @@ def loop(t: TrainState) -> int:
         last_step = t.step == cfg.steps
         if t.world > 1:  # every rank stops after the same step, or the others hang in all_reduce
             stop.agree(t.device)
-        if t.rank == 0 and not stop.signal and (last_step or cfg.eval_every and t.step % cfg.eval_every == 0):
-            best = evaluate_and_keep_best(t, best)
-            plot(t.out, t.log.records)
-        if t.world > 1:
-            dist.barrier()
+        if t.rank == 0 and not stop.signal and evaluation_step(cfg, t.step):
+            best = evaluate_and_keep_best(t, best, stop)
+        if t.world > 1:  # as after step 0: wait for rank 0's evaluation, take any signal it got
+            stop.agree(t.device)
         if last_step or t.step % cfg.save_every == 0 or stop.signal:
             t.ckpt_dir = save_all_ranks(t, stop)
             if stop.signal:
                 bar.close()
-                print(f"signal {stop.signal}: checkpoint written to {t.ckpt_dir} at step {t.step}; "
-                      f"continue with --resume", file=sys.stderr)
-                return 128 + stop.signal
+                return stopped(t, stop)
     bar.close()
 
     if t.rank == 0:
@@ -285,16 +295,27 @@ def loop(t: TrainState) -> int:
     return 0
 
 
-def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None]) -> tuple[float, int | None]:
+def evaluation_step(cfg: TrainConfig, step: int) -> bool:
+    """Step 0, every --eval-every steps, and the last."""
+    return step == 0 or step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+
+def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None], stop: StopSignal) -> tuple[float, int | None]:
     """Score the validation rows; the adapters saved from now on carry the tuned threshold; a new
-    best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0)."""
+    best accuracy saves the adapter to OUT/best (at step 0: the base, B = 0). A signal abandons
+    the evaluation at its next batch: it has nothing to save, and the run is stopping."""
     try:
         m, th = evaluate(t.model, t.val_ds, t.cfg.eval_batch_size, t.device, t.label_ids, t.step, t.log,
-                         share=t.cfg.share_prefixes == "on")
+                         share=t.cfg.share_prefixes == "on", should_stop=lambda: stop.signal is not None)
+    except ScoringStopped:
+        tqdm.write(f"step {t.step:>5} validation: abandoned (signal {stop.signal})", file=sys.stderr)
+        return best
     except NonFiniteScores as e:  # never a "best", never a threshold: stop
         cause = "the base model's weights are not usable" if t.step == 0 else "lower --lr or --alpha"
         raise UserError(f"{e} ({cause}); stopping. {last_good(t)}") from None
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
+    with disk_errors(t.out):
+        plot(t.out, t.log.records)
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
         save_adapter(t.model, t.out / "best", base_model_name_or_path=str(t.model_dir), record=t.record)
@@ -305,8 +326,9 @@ def log_step(t: TrainState, bar, loss: float, lr: float, gnorm: float, n_tokens:
     """One metrics.jsonl record per optimizer step, and the progress bar's numbers."""
     tok_s = n_tokens * t.world / (time.perf_counter() - t0)
     rec = {"step": t.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tok_s, 1)}
-    if t.device.type == "cuda":
+    if t.device.type == "cuda":  # the GPU's allocator peak
         rec["peak_gib"] = round(torch.cuda.max_memory_allocated(t.device) / 2**30, 2)
+    rec["peak_rss_gib"] = round(peak_rss_gib(), 2)  # this process's peak host memory, on any device
     t.log(rec)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update(1)
@@ -326,6 +348,8 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
         with stop.deferred(), disk_errors(t.out):  # a second signal now must not tear the save
             save_checkpoint(t.out / "checkpoint", t.model, t.opt, t.scaler, t.sampler, t.step, t.cfg.to_dict(),
                             t.record, rngs)
+        with disk_errors(t.out):  # the metrics so far, drawn whenever a checkpoint is (a stop's included)
+            plot(t.out, t.log.records)
     return t.out / "checkpoint"
 
 
@@ -358,6 +382,13 @@ def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
                     f"{'on' if model.grad_checkpointing else 'off'}; use "
                     + ("" if model.grad_checkpointing else "--grad-checkpointing on, ")
                     + f"{smaller}a lower --max-seq-len or --precision nf4. {last_good(t)}")
+
+
+def stopped(t: TrainState, stop: StopSignal) -> int:
+    """The end of a run stopped by a signal, its checkpoint written: the exit code 128 + signal."""
+    print(f"signal {stop.signal}: checkpoint written to {t.ckpt_dir} at step {t.step}; "
+          f"continue with the same command plus --resume", file=sys.stderr)
+    return 128 + stop.signal
 
 
 def last_good(t: TrainState) -> str:

@@ -61,7 +61,7 @@ def probs(adapter: Path | None, data: Path, out: Path) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="42,43,44", help="one adapter per seed; the first is 'one adapter'")
     p.add_argument("--work", default="runs/accuracy", help="runs, evaluation files and probabilities")
     p.add_argument("--rows", type=int, help="score only the first N rows of each set (smoke tests)")

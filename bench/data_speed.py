@@ -130,7 +130,7 @@ def coverage(tok: Tokenizer, limits=(256, 512, 1024)) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.data_speed", description=__doc__.split("\n")[0])
     # what to generate
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows in the synthetic CSV")
     ap.add_argument("--bytes-per-row", type=int, default=1500, help="mean CSV bytes per row (contest: ~1.5 KB)")

@@ -213,7 +213,8 @@ def train_peer(argv: list[str], head: str = "gather", log=print, clock=time.perf
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="the transformers + PEFT peer alone, on train.py's flags",
+    p = argparse.ArgumentParser(prog="python -m bench.peer_cpu",
+                                description="the transformers + PEFT peer alone, on train.py's flags",
                                 epilog="every other flag is train.py's (python train.py --help), with TrainConfig's defaults")
     p.add_argument("--peer-head", choices=["gather", "full"], default="gather",
                    help="gather: head at the cue only (same work as ours); full: logits at every position")

@@ -119,7 +119,7 @@ REFERENCE = {"ours": "ours unshared", "ours unshared": "ours fp32 activations", 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.score_cpu", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter folder or file (default: a random seeded adapter)")
     p.add_argument("--data", nargs="+", default=[str(REPO / "data" / "gsm8k_val.csv"), str(REPO / "data" / "realcritic.csv")],

@@ -51,7 +51,7 @@ COLUMNS = [("pass s", "step_s", 7, ".3f"), ("examples/s", "examples_per_s", 10, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.score_speed", description=__doc__.split("\n")[0])
     add_gpu_args(p, modes="int8,bf16")
     p.add_argument("--batch", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence")

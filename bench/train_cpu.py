@@ -272,7 +272,7 @@ def table(speed_rows: list[dict], learn_rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.train_cpu", description=__doc__.split("\n")[0],
                                 epilog="Other flags go to train.py. Main-measurement defaults: " + " ".join(MAIN))
     p.add_argument("--seeds", default="1,2,3", help="comma-separated train.py --seed values for the learning runs")
     p.add_argument("--rows", type=int, help="validation rows (train.py --val-rows)")

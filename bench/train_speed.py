@@ -164,7 +164,7 @@ COLUMNS = [("step s", "step_s", 7, ".3f"), ("tokens/s", "tokens_per_s", 9, ",.0f
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n")[0])
     add_gpu_args(p, modes="int8,nf4,bf16")
     p.add_argument("--loss", choices=("full", "answer"), default="full",
                    help="full causal-LM loss (the peer's work unit) or one label token per row")

@@ -46,7 +46,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def find_checkpoint(path: Path) -> Path:
     """The newest complete checkpoint among `path` and what a crash in atomic_write_dir's two
-    renames leaves (`path.tmp` complete, or `path.old`); `path` itself if none is complete."""
+    renames leaves (`path.tmp` complete, or `path.old`); `path` itself if none is complete. A run
+    folder (one holding checkpoint/) stands for its checkpoint: `--resume runs/run-002` works."""
+    if not (path / "trainer.json").exists() and (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
     cands = [c for c in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old"))
              if checkpoint_problem(c) is None]
     return max(cands, key=lambda c: json.loads((c / "trainer.json").read_text())["step"], default=path)

@@ -44,7 +44,8 @@ class TrainConfig:
     val_fraction: float = setting(0.05, "share of questions held out when there is no --val-file", resume=True)
     val_rows: int | None = setting(None, "evaluate on at most this many validation rows (a seeded sample)",
                                    resume=True)
-    out: str = setting("runs/default", "output folder: adapters, checkpoint, metrics, plots")
+    out: str | None = setting(None, "output folder: adapters, checkpoint, metrics, plots (default: a new "
+                                    "runs/run-NNN, linked as runs/latest; with --resume: runs/latest)")
     prompt_file: str | None = setting(None, "prompt template with {question} {answer} {solution} "
                                             "(default: built-in)", resume=True)
     max_seq_len: int = setting(512, "token limit per row; the solution's middle is cut", resume=True)

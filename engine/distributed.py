@@ -49,10 +49,26 @@ def all_reduce_grads(params: list, loss_sum: float, device) -> float:
     return flat[-1].item()
 
 
+def say(text: str) -> None:
+    """Write to stderr from a signal handler: one unbuffered write, so a handler that runs while
+    tqdm or print is writing to sys.stderr cannot collide with it in the same buffer."""
+    try:
+        os.write(2, text.encode())
+    except OSError:  # no stderr to write to: stopping matters more than saying so
+        pass
+
+
 class StopSignal:
-    """SIGTERM / SIGINT during a run: the first asks the loop to stop after the step in flight
-    (with a checkpoint); a second one stops at once (KeyboardInterrupt), except inside
-    `deferred()` (a checkpoint being written), which it must not tear."""
+    """SIGTERM / SIGINT during a run: the first asks the loop to stop after the step in flight, or
+    at the next batch of an evaluation in flight (`stop.signal` is what score's should_stop asks),
+    with a checkpoint; a second one stops at once (KeyboardInterrupt), except inside `deferred()`
+    (a checkpoint being written), which it must not tear. Each is acknowledged when it arrives."""
+
+    FIRST = ("\nstopping ({name}): an evaluation in flight is abandoned at its next batch, a training step in "
+             "flight is finished; then a checkpoint is written and the run ends (--resume continues it). A "
+             "second Ctrl-C quits at once, without that checkpoint (earlier ones stay intact).\n")
+    SECOND = "\nstopping at once ({name}): no new checkpoint; earlier ones are intact.\n"
+    SAVING = "\n{name}: a checkpoint is being written; the run ends once it is whole.\n"
 
     def __init__(self):
         self.signal: int | None = None
@@ -61,7 +77,10 @@ class StopSignal:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum, _frame):
-        if self.signal and not self._saving:
+        first, saving = self.signal is None, self._saving
+        say(((self.FIRST if first else self.SAVING if saving else self.SECOND)
+             .format(name=signal.Signals(signum).name)))
+        if not first and not saving:
             raise KeyboardInterrupt
         self.signal = self.signal or signum
 

@@ -1,8 +1,10 @@
 """How much memory a training step needs, and whether to recompute activations in backward
-(gradient checkpointing) to fit: `--grad-checkpointing auto`."""
+(gradient checkpointing) to fit: `--grad-checkpointing auto`; the process's peak host memory."""
 from __future__ import annotations
 
 import os
+import resource
+import sys
 
 import torch
 
@@ -32,6 +34,13 @@ def estimate_peak_gib(model, cfg, grad_checkpointing: bool) -> float:
     acts = layers * tokens * h * act + per_layer if grad_checkpointing else layers * per_layer
     head = (cfg.batch_size if cfg.loss == "answer" else 1024) * mc.vocab_size * 4 * 2
     return (weight_bytes(model) + adam + acts + head) / 2**30
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (getrusage: KiB on Linux, bytes on
+    macOS). Host memory: on a CPU run, what the run took; on CUDA, not the GPU's (peak_gib)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -24,9 +24,14 @@ from lora.inject import lora_modules, remove_lora
 from lora.io import load_adapter
 
 
+class ScoringStopped(Exception):
+    """`score` gave up between two batches because its `should_stop()` said so."""
+
+
 @torch.no_grad()
 def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, int],
-          progress: bool = True, chunk_rows: int = 1024, share: bool = True, counts: dict | None = None) -> np.ndarray:
+          progress: bool = True, chunk_rows: int = 1024, share: bool = True, counts: dict | None = None,
+          should_stop=None) -> np.ndarray:
     """p_true for every row of `ds`, in row order.
 
     Rows are tokenized `chunk_rows` at a time and each chunk cut into batches. share (the
@@ -35,7 +40,9 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
     p_true is the same as without, to float rounding. Without: rows go in order of character
     length, and each chunk is re-sorted by token count, so that little of a batch is padding.
     counts: if given, gets `row_tokens` (the rows' real tokens) and `computed` (the real tokens the
-    model computed: shared prefixes once) added to it.
+    model computed: shared prefixes once) added to it. should_stop: a callable asked before each
+    batch; when it returns True, ScoringStopped is raised (train.py: Ctrl-C during an evaluation,
+    which has nothing to save, so it is abandoned rather than finished).
     """
     was_training = model.training
     model.eval()
@@ -57,6 +64,10 @@ def score(model, ds: RowDataset, batch_size: int, device, label_ids: tuple[int, 
         batches = family_batches(ids, batch_size) if share else \
             np.array_split(np.argsort([len(x) for x in ids], kind="stable"), range(batch_size, len(ids), batch_size))
         for sel in batches:
+            if should_stop is not None and should_stop():
+                bar.close()
+                model.train(was_training)
+                raise ScoringStopped
             b = collate([examples[j] for j in sel], ds.pad_id, share)
             if counts is not None:
                 counts["row_tokens"] = counts.get("row_tokens", 0) + row_tokens(b)
@@ -143,11 +154,12 @@ class NonFiniteScores(UserError):
 
 
 def evaluate(model, val_ds: RowDataset, batch_size: int, device, label_ids, step: int, log,
-             share: bool = True) -> tuple[dict, dict]:
+             share: bool = True, should_stop=None) -> tuple[dict, dict]:
     """Training's evaluation: validation metrics at `step` (at the 0.5 cut) and the tuned decision
-    threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n,
-    "accuracy_at_threshold", "best_cut"}."""
-    p = score(model, val_ds, batch_size, device, label_ids, share=share)
+    threshold, logged (`log`: engine/log.py's MetricsLog) and printed. The threshold is
+    {"threshold": t or None below MIN_TUNE_ROWS rows, "rows": n, "accuracy_at_threshold",
+    "best_cut"}. should_stop: as score's (ScoringStopped; nothing logged)."""
+    p = score(model, val_ds, batch_size, device, label_ids, share=share, should_stop=should_stop)
     bad = int((~np.isfinite(p)).sum())
     if bad:  # NaN > t is False for every t: these rows would count as predicted False, silently
         raise NonFiniteScores(f"step {step}: the model gave non-finite p_true for {bad} of {len(p)} validation rows")

@@ -1,14 +1,19 @@
-"""A training run's set-up, before its loop: which files it reads, its record (what every adapter
-it writes carries), its rows, and the base model with fresh adapters."""
+"""A training run's set-up, before its loop: its folder (a new runs/run-NNN when --out is not
+given), which files it reads, its record (what every adapter it writes carries), its rows, and
+the base model with fresh adapters."""
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.errors import UserError
+from common.files import atomic_write_text
 from data.batches import RowDataset
 from data.prompt import DEFAULT_PROMPT, Encoder, load_prompt
 from data.read import read_table, split_by_question
@@ -20,6 +25,75 @@ from lora.io import CONFIG_NAME, WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN, DEFAULT_VAL = REPO / "data" / "gsm8k_train.csv", REPO / "data" / "gsm8k_val.csv"
+RUNS = Path("runs")  # runs without --out go here, under the current folder (as a relative --out would)
+
+
+# ----------------------------------------------------------------------------- the run's folder
+
+def run_folder(cfg: TrainConfig, rank: int, world: int) -> tuple[Path, bool]:
+    """(the run's folder, whether it is new). --out when given; else, with --resume, the run it
+    continues (runs/latest, or the run holding the given checkpoint); else a new runs/run-NNN,
+    so that a run started without flags never meets, let alone clobbers, an earlier one."""
+    if cfg.out is not None:
+        return Path(cfg.out), False
+    if cfg.resume == "":
+        return latest_run(), False
+    if cfg.resume is not None:  # --resume runs/run-002 (a run folder) or runs/run-002/checkpoint
+        given = Path(cfg.resume)
+        return (given if (given / "checkpoint").is_dir() else given.parent), False
+    name = new_run_folder(RUNS).name if rank == 0 else None
+    if world > 1:  # rank 0 picks the number; every rank must use the same folder
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return RUNS / name, True
+
+
+def new_run_folder(runs: Path) -> Path:
+    """Create and return runs/run-NNN, one past the highest number there. mkdir, not a check:
+    two runs started at once get two folders."""
+    taken = [int(m.group(1)) for p in runs.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
+    n = max(taken, default=0)
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        while True:
+            n += 1
+            try:
+                (runs / f"run-{n:03d}").mkdir()
+                return runs / f"run-{n:03d}"
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"cannot create a run folder in {runs.resolve()} ({e.strerror}); pass --out DIR") from None
+
+
+def latest_run(runs: Path = RUNS) -> Path:
+    """The folder runs/latest names (a symlink, or a file holding the name where there are no
+    symlinks): what --resume continues when --out is not given."""
+    link = runs / "latest"
+    name = os.readlink(link) if link.is_symlink() else link.read_text().strip() if link.is_file() else None
+    if name is None:
+        raise UserError(f"--resume without --out continues {link}, and there is none in {runs.resolve()}: "
+                        f"pass --out with the folder of the run to continue")
+    if not (runs / name).is_dir():
+        raise UserError(f"--resume without --out continues {link}, which names {runs / name}, a folder that is "
+                        f"not there: pass --out with the folder of the run to continue")
+    return runs / name
+
+
+def point_latest(folder: Path, runs: Path = RUNS) -> None:
+    """Make runs/latest name `folder` (a relative symlink, replaced atomically; a file holding the
+    name where the file system has no symlinks), so the newest run has a path that stays the same."""
+    link, tmp = runs / "latest", runs / ".latest.tmp"
+    if link.is_dir() and not link.is_symlink():  # a folder someone made by that name: leave it be
+        return
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(folder.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_text(link, folder.name + "\n")
 
 
 def data_files(cfg: TrainConfig) -> tuple[Path, Path | None]:

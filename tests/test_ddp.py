@@ -132,3 +132,15 @@ def test_one_rank_failing_ends_the_run_with_its_message(tiny, tmp_path):
     assert not alive, "a rank outlived the failing one (it would hang until the 2-hour timeout)"
     assert [p.exitcode != 0 for p in procs] == [True, True]
     assert "boom on rank 1" in (tmp_path / "rank1.txt").read_text()
+
+
+def test_two_ranks_without_out_share_one_new_run_folder(tiny, tmp_path, monkeypatch):
+    """Rank 0 picks runs/run-NNN and tells the others: one new folder, holding the whole run."""
+    monkeypatch.chdir(tmp_path)  # (spawned ranks start in the parent's folder)
+    (tmp_path / "runs" / "run-001").mkdir(parents=True)  # an earlier run
+    spawn(train_args(tiny, None, "--steps", "2", "--batch-size", "2", "--grad-accum", "1"))
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "run-001", "run-002"]
+    assert os.readlink(runs / "latest") == "run-002"
+    assert json.loads((runs / "run-002" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    assert len(losses(runs / "run-002")) == 2 and not any((runs / "run-001").iterdir())

@@ -285,7 +285,7 @@ def test_r3_3_overwrite_leaves_nothing_of_the_old_run(tiny, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tiny, out, "--steps", "2", "--overwrite"))
     left = sorted(p.name for p in out.iterdir())
-    assert left == [".lock", "args.json", "best", "metrics.jsonl", "notes.txt"], left
+    assert left == [".lock", "args.json", "best", "loss.png", "metrics.jsonl", "notes.txt"], left  # (the new run's)
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0]
     with pytest.raises(UserError, match="no adapter_model.safetensors"):  # not the old run's adapter
         predict.main(predict_args(tiny, tmp_path / "s.csv", "--adapter", str(out)))
@@ -522,8 +522,9 @@ def test_r3_15_a_file_without_ids_is_said_to_get_row_numbers(tiny, tmp_path, cap
 
 def test_r3_16_zero_shot_says_what_it_scores_and_the_cache_variable_is_named(tiny, tmp_path, capsys, monkeypatch):
     assert predict.main(predict_args(tiny, tmp_path / "s.csv")) == 0
-    assert (f"scoring 20 rows of {tiny / 'val.csv'} with model (int8) (no adapter: zero-shot); True when "
-            f"p_true > 0.5 (the default)") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"scoring 20 rows of {tiny / 'val.csv'} with model (int8, activations " in err
+    assert " (no adapter: zero-shot); True when p_true > 0.5 (the default)" in err
     from model.default import DefaultModelError, default_model_dir
     afile = tmp_path / "afile"
     afile.write_text("x")

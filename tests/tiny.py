@@ -83,8 +83,8 @@ def make_workdir(root: Path, n_rows: int, n_val: int, seed: int) -> Path:
     return root
 
 
-def train_args(root: Path, out: Path, *extra: str) -> list[str]:
-    """train.py flags for a small CPU run on make_workdir(root)."""
+def train_args(root: Path, out: Path | None, *extra: str) -> list[str]:
+    """train.py flags for a small CPU run on make_workdir(root); out None: no --out (a new runs/run-NNN)."""
     return ["--model", str(root / "model"), "--data", str(root / "train.csv"), "--val-file", str(root / "val.csv"),
-            "--prompt-file", str(root / "prompt.txt"), "--out", str(out), "--r", "4", "--alpha", "8",
-            "--max-seq-len", "128", "--eval-every", "0", "--device", "cpu", *extra]
+            "--prompt-file", str(root / "prompt.txt"), *(["--out", str(out)] if out is not None else []),
+            "--r", "4", "--alpha", "8", "--max-seq-len", "128", "--eval-every", "0", "--device", "cpu", *extra]
