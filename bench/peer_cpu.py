@@ -53,6 +53,7 @@ from data.batches import LengthGroupedSampler
 from engine.score import format_metrics, metrics
 from engine.config import TrainConfig
 from engine.optim import get_lr
+from data.read import question_codes
 from engine.setup import load_data
 from model.precision import default_precision
 from model.tokenizer import Tokenizer
@@ -66,12 +67,13 @@ def enable_checkpointing(hf) -> None:
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_peer(model_dir: Path, args: TrainConfig):
-    """HF LlamaForCausalLM (fp32) + PEFT LoRA as `args` say, initialised from torch.manual_seed(args.seed)."""
+def load_peer(model_dir: Path, args: TrainConfig, dtype: torch.dtype = torch.float32):
+    """HF LlamaForCausalLM (fp32, or `dtype`) + PEFT LoRA as `args` say, initialised from
+    torch.manual_seed(args.seed)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     hf.config.use_cache = False
     if args.grad_checkpointing != "off":  # as a transformers + PEFT user runs the QLoRA recipe
         enable_checkpointing(hf)
@@ -135,12 +137,20 @@ def peer_score(pm, ds, batch_size: int, label_ids: tuple[int, int], pad_id: int)
     return p_true
 
 
-def windows(cfg: TrainConfig, train_ds, n: int | None = None):
+def window_positions(cfg: TrainConfig, train_ds, n: int | None = None):
     """The first `n` (default cfg.steps) accumulation windows train.py draws, in order: a list of
-    micro-batch dicts per optimizer step (its sampler, one rank)."""
-    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed)
+    micro-batches (row positions) per optimizer step (its sampler, one rank; --group-by-question
+    as train.py honours it)."""
+    questions = question_codes(train_ds.df)[0] if cfg.group_by_question else None
+    sampler = LengthGroupedSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed, questions=questions)
     for _ in range(cfg.steps if n is None else n):
-        yield [train_ds.batch(sampler.next_batch()) for _ in range(cfg.grad_accum)]
+        yield [sampler.next_batch() for _ in range(cfg.grad_accum)]
+
+
+def windows(cfg: TrainConfig, train_ds, n: int | None = None):
+    """window_positions as the micro-batch dicts of whole rows (what the peer computes)."""
+    for w in window_positions(cfg, train_ds, n):
+        yield [train_ds.batch(pos) for pos in w]
 
 
 def setup(argv: list[str]):

@@ -67,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,14 @@ import torch
 
 from bench import peer_cpu
 from bench.common import REPO, add_clock_args, clock_of, load, step_stats
+from data.batches import row_tokens
 from engine.loss import compute_loss, count_targets
 from engine.memory import decide_grad_checkpointing
 from engine.optim import make_optimizer
 from engine.setup import build_for_training
 from lora.inject import ALL_PROJECTIONS, lora_state_dict
 from lora.lora import dropout_masks
+from model.precision import choose_activations
 
 # The main measurement's settings (train.py flags); later flags on the command line win.
 MAIN = ["--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
@@ -90,56 +93,76 @@ MAIN = ["--device", "cpu", "--r", "32", "--alpha", "64", "--dropout", "0.1",
 
 # ----------------------------------------------------------------------------- phase 1: speed
 
-VARIANTS = {"nockpt": "ours nockpt", "ckpt": "ours ckpt", "peernockpt": "peer nockpt", "fullhead": "peer fullhead",
-            "torchdrop": "ours torch dropout"}
+# Extra runs (--variants), each: its name in the table. "ours" is train.py's default (the int8
+# base, activations as `auto` picks, shared prefixes, checkpointing as `auto` decides); "peer" is
+# transformers + PEFT on the fp32 model with gradient checkpointing, as the QLoRA recipe runs it.
+VARIANTS = {"unshared": "ours unshared",  # --share-prefixes off
+            "fp32acts": "ours fp32 activations",  # --activations fp32, unshared: train.py's default before
+            "nockpt": "ours nockpt", "ckpt": "ours ckpt",  # --grad-checkpointing off / on
+            "torchdrop": "ours torch dropout",  # DROPOUT_MASKS=torch (PEFT's masks)
+            "peernockpt": "peer nockpt",  # the peer without gradient checkpointing
+            "peerbf16": "peer bf16",  # bf16 weights, no checkpointing: the peer's fastest CPU configuration
+            "fullhead": "peer fullhead"}  # the peer's head at every position, then gathering
 
 
 def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, profile: int = 0) -> list[dict]:
     """Interleaved timing on the first n_steps windows (after one warm-up window), per micro-batch:
     forward + backward of micro-batch j for every run in turn (the order flips each time), then
-    each run's clip + AdamW step. A run's step time is the sum of its parts."""
+    each run's clip + AdamW step. A run's step time is the sum of its parts. Every run sees the
+    same rows; ours builds its micro-batches as train.py does (shared prefixes unless off), the
+    peer gets whole rows, and the batches are built before the clock starts."""
     cfg, model_dir, _, train_ds, _ = peer_cpu.setup(argv)
-    wins = list(peer_cpu.windows(cfg, train_ds, n_steps + 1))  # +1: a warm-up window
+    pos = list(peer_cpu.window_positions(cfg, train_ds, n_steps + 1))  # +1: a warm-up window
+    whole = [[train_ds.batch(p) for p in w] for w in pos]
+    shared = [[train_ds.batch(p, share=cfg.share_prefixes == "on") for p in w] for w in pos]
     cpu = torch.device("cpu")
-    ours = build_for_training(cfg, model_dir, cpu)[0].train()
-    pm = peer_cpu.load_peer(model_dir, cfg).train()
     names = ["ours", "peer"] + [VARIANTS[v] for v in variants]
+    models = {"ours": build_for_training(cfg, model_dir, cpu)[0].train(),
+              "peer": peer_cpu.load_peer(model_dir, cfg).train()}
+    if "ours fp32 activations" in names:
+        models["ours32"] = build_for_training(replace(cfg, activations="fp32"), model_dir, cpu)[0].train()
+    if "peer bf16" in names:
+        models["peer16"] = peer_cpu.load_peer(model_dir, replace(cfg, grad_checkpointing="off"), torch.bfloat16).train()
+    model_of = lambda name: {"ours fp32 activations": "ours32", "peer bf16": "peer16"}.get(name, name.split()[0])
+    ours, pm = models["ours"], models["peer"]
     theirs = dict(pm.named_parameters())  # PEFT's names: ...q_proj.lora_A.default.weight
     init_diff = max((v - theirs["base_model.model." + k.replace(".weight", ".default.weight")]).abs().max().item()
                     for k, v in lora_state_dict(ours).items())
 
     ckpt, why = decide_grad_checkpointing(ours, cfg, cpu)  # "ours" is train.py's default: as decided
-    print(f"ours: gradient checkpointing {'on' if ckpt else 'off'} ({why}); peer: on (the QLoRA recipe)",
-          file=sys.stderr)
+    print(f"ours: activations {choose_activations(cfg.precision, cpu, cfg.activations)}, gradient checkpointing "
+          f"{'on' if ckpt else 'off'} ({why}); peer: on (the QLoRA recipe)", file=sys.stderr)
 
-    def micro(name, b, n_targets):
-        with dropout_masks("torch") if name == "ours torch dropout" else contextlib.nullcontext():
-            if name.startswith("ours"):
-                ours.grad_checkpointing = {"ours nockpt": False, "ours ckpt": True}.get(name, ckpt)
-                (compute_loss(ours, b, cfg.loss, cpu) / n_targets).backward()  # as train.py's loop, per micro-batch
-            else:
-                if name == "peer nockpt":
-                    pm.base_model.model.gradient_checkpointing_disable()
-                (peer_cpu.peer_loss(pm, b, cfg.loss, "full" if name == "peer fullhead" else head) / n_targets).backward()
-                if name == "peer nockpt":
-                    peer_cpu.enable_checkpointing(pm.base_model.model)
+    def micro(name, i, j, n_targets):
+        m = models[model_of(name)]
+        if name.startswith("ours"):
+            m.grad_checkpointing = {"ours nockpt": False, "ours ckpt": True}.get(name, ckpt)
+            b = whole[i][j] if name in ("ours unshared", "ours fp32 activations") else shared[i][j]
+            with dropout_masks("torch") if name == "ours torch dropout" else contextlib.nullcontext():
+                (compute_loss(m, b, cfg.loss, cpu) / n_targets).backward()  # as train.py's loop, per micro-batch
+        else:
+            if name == "peer nockpt":
+                pm.base_model.model.gradient_checkpointing_disable()
+            loss = peer_cpu.peer_loss(m, whole[i][j], cfg.loss, "full" if name == "peer fullhead" else head)
+            (loss / n_targets).backward()
+            if name == "peer nockpt":
+                peer_cpu.enable_checkpointing(pm.base_model.model)
 
-    params = {"ours": [p for p in ours.parameters() if p.requires_grad],
-              "peer": [p for p in pm.parameters() if p.requires_grad]}
-    opts = {n: make_optimizer(cfg, params[n.split()[0]]) for n in names}  # train.py's optimizer, both sides
-    grads = {n: None for n in names}  # each run's accumulated gradients (variants share A and B)
+    params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
+    opts = {n: make_optimizer(cfg, params[model_of(n)]) for n in names}  # train.py's optimizer, every run
+    grads = {n: None for n in names}  # each run's accumulated gradients (runs on one model share A and B)
     times = {n: [] for n in names}
     flip = False
-    for i, w in enumerate(wins):
+    for i, w in enumerate(whole):
         n_t = torch.tensor(float(count_targets(w)))
         spent = dict.fromkeys(names, 0.0)
-        for j, b in enumerate(w):
+        for j in range(len(w)):
             for name in (names[::-1] if flip else names):  # ABBA: load drift hits every run alike
-                ps = params[name.split()[0]]
+                ps = params[model_of(name)]
                 for p, g in zip(ps, grads[name] or [None] * len(ps)):
                     p.grad = g
                 t = clock()
-                micro(name, b, n_t)
+                micro(name, i, j, n_t)
                 if j == len(w) - 1:
                     peer_cpu.opt_step(ps, opts[name], cfg.clip)
                 spent[name] += clock() - t
@@ -151,19 +174,21 @@ def speed(argv: list[str], n_steps: int, head: str, variants: list[str], clock, 
             print(f"speed window {i} {name}: {spent[name]:.2f} s (load {load()})", file=sys.stderr, flush=True)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
-        b, n_t = wins[0][0], torch.tensor(float(count_targets(wins[0][:1])))
+        n_t = torch.tensor(float(count_targets(whole[0][:1])))
         for name in names:
             with prof(activities=[ProfilerActivity.CPU]) as pr:
-                micro(name, b, n_t)
-            for p in params[name.split()[0]]:
+                micro(name, 0, 0, n_t)
+            for p in params[model_of(name)]:
                 p.grad = None
-            print(f"\nprofile, one micro-batch {tuple(b['input_ids'].shape)}, {name}:")
+            print(f"\nprofile, one micro-batch {tuple(whole[0][0]['input_ids'].shape)}, {name}:")
             print(pr.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
-    toks = [sum(int(b["attention_mask"].sum()) for b in w) for w in wins[1:]]
+    toks = [sum(row_tokens(b) for b in w) for w in whole[1:]]  # the rows' own tokens: the same for every run
+    computed = {True: sum(int(b["attention_mask"].sum()) for w in shared[1:] for b in w), False: sum(toks)}
     rows = []
     for n in names:
         ratio = float(np.median([x / o for o, x in zip(times["ours"], times[n])]))  # this / ours, per window
         rows.append(dict(run=n, step_s=float(np.median(times[n])), tokens_per_s=sum(toks) / sum(times[n]),
+                         computed=computed[n.startswith("ours") and n not in ("ours unshared", "ours fp32 activations")],
                          time_vs_ours=ratio, windows=len(times[n]), init_diff=init_diff))
     return rows
 
@@ -230,12 +255,13 @@ def learn(argv: list[str], seeds: list[int], head: str, work: Path, threads: int
 def table(speed_rows: list[dict], learn_rows: list[dict]) -> str:
     out = []
     if speed_rows:
-        out += ["Speed, interleaved on the same windows:", "",
-                "| run | step s (median) | tokens/s | step time / ours | tokens/s ours / this |",
-                "| --- | --- | --- | --- | --- |"]
+        out += ["Speed, interleaved on the same windows (tokens/s: the rows' own tokens per second; tokens "
+                "computed: what the model processed, a shared prefix once):", "",
+                "| run | step s (median) | tokens/s | tokens computed | step time / ours | ours / this (tokens/s) |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for r in speed_rows:
-            out.append(f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['time_vs_ours']:.3f} "
-                       f"| {speed_rows[0]['tokens_per_s'] / r['tokens_per_s']:.3f} |")
+            out.append(f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['computed']:,} "
+                       f"| {r['time_vs_ours']:.3f} | **{speed_rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x** |")
         out += ["", f"{speed_rows[0]['windows']} timed windows. Adapters at init, max |ours - peer| = "
                     f"{speed_rows[0]['init_diff']:.1e} (same seed, same RNG draws: see peer_cpu.py).", ""]
     if learn_rows:

@@ -6,8 +6,10 @@ A wrapper module, not a parametrization: the base can be any linear of model/ --
 nn.Linear, or the frozen 8-bit / 4-bit layers of model/quant.py -- and its weight is never rebuilt
 on the forward pass (a parametrization would compute W + BA every step and cannot sit on int8).
 Names follow PEFT (`base_layer`, `lora_A.weight` (r, in), `lora_B.weight` (out, r)) and so does the
-arithmetic (Kaiming-uniform A with a=√5, zero B, dropout on the adapter input only, the adapter run
-in its own dtype and cast back), so an adapter saved here loads in PEFT with the same logits.
+arithmetic (Kaiming-uniform A with a=√5, zero B, dropout on the adapter input only), so an adapter
+saved here loads in PEFT with the same logits. A and B are fp32; beside bf16 activations their
+matmuls run in bf16, as torch.autocast would run them (PEFT casts the input up to fp32 instead:
+on a CPU that costs ~15% of a training step of the default model for a 2^-8 rounding of the update).
 """
 from __future__ import annotations
 
@@ -159,13 +161,17 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # the frozen W·x (float, int8 or nf4)
         if self.merged:  # W already holds W + s·B@A
             return y
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r): A·drop(x), in A's dtype
-        if y.dtype != self.lora_B.weight.dtype or not y.is_contiguous():  # e.g. a bf16 base, fp32 adapter
-            return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # y = W·x + s·B·A·drop(x)
+        a, b = self.lora_A.weight, self.lora_B.weight  # (r, in), (out, r): fp32, whatever the activations
+        if x.dtype == torch.bfloat16:  # autocast's rule: the matmuls in bf16 (fp32's range), the weights
+            a, b = a.to(x.dtype), b.to(x.dtype)  # kept in fp32 -- their gradients come back in fp32
+        else:  # fp32 activations, or fp16 (whose narrow range the update would risk): in A's dtype
+            x = x.to(a.dtype)
+        h = F.linear(self.lora_dropout(x), a)  # (..., r): A·drop(x)
+        if y.dtype != b.dtype or not y.is_contiguous():  # an fp16 base beside fp32 adapters
+            return y + (F.linear(h, b) * self.scaling).to(y.dtype)  # y = W·x + s·B·A·drop(x)
         # Speed trick, same sum: y + s·h@Bᵀ as ONE GEMM (addmm: beta=1, alpha=s) instead of a
         # GEMM, then a pass to scale and a pass to add over the (..., out) output.
-        y2 = torch.addmm(y.view(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.weight.t(),
-                         alpha=self.scaling)
+        y2 = torch.addmm(y.view(-1, self.out_features), h.reshape(-1, self.r), b.t(), alpha=self.scaling)
         return y2.view(y.shape)
 
     # ---- merging (float bases only) ----
