@@ -37,7 +37,7 @@ from engine.config import RESUME_KEYS, TrainConfig, flag, parse_train_args
 from engine.distributed import StopSignal, all_reduce_grads, setup_distributed
 from engine.log import MetricsLog, plot
 from engine.loss import compute_loss, count_targets
-from engine.memory import decide_grad_checkpointing, estimate_peak_gib, peak_rss_gib, total_memory_gib
+from engine.memory import decide_grad_checkpointing, estimate_peak_gib, peak_rss_gib, total_memory_gib, what_fits
 from engine.optim import get_lr, make_optimizer
 from engine.score import NonFiniteScores, ScoringStopped, evaluate
 from engine.setup import (RUNS, build_for_training, clear_run, load_data, point_latest, run_folder, training_record,
@@ -371,17 +371,10 @@ def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:
               f"turning it on (--grad-checkpointing auto) and running the step again: the same arithmetic, "
               f"~30% more compute per step from now on", file=sys.stderr)
         return
-    smaller = ""
-    if cfg.batch_size > 1:  # (its largest divisor: the same rows per step, in more micro-batches)
-        rows = cfg.batch_size * cfg.grad_accum
-        fewer = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
-        smaller = (f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step "
-                   f"(--batch-size {fewer} --grad-accum {rows // fewer}), ")
     raise UserError(f"out of memory at step {t.step}: micro-batches of {shape} do not fit in the "
                     f"{total_memory_gib(t.device):.1f} GiB of {t.device} with gradient checkpointing "
-                    f"{'on' if model.grad_checkpointing else 'off'}; use "
-                    + ("" if model.grad_checkpointing else "--grad-checkpointing on, ")
-                    + f"{smaller}a lower --max-seq-len or --precision nf4. {last_good(t)}")
+                    f"{'on' if model.grad_checkpointing else 'off'}; use {what_fits(cfg, model.grad_checkpointing)}. "
+                    f"{last_good(t)}")
 
 
 def stopped(t: TrainState, stop: StopSignal) -> int:

@@ -58,6 +58,19 @@ def total_memory_gib(device: torch.device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
+def what_fits(cfg, grad_checkpointing: bool) -> str:
+    """What to change after running out of memory: checkpointing (if off), a smaller --batch-size
+    with a larger --grad-accum for the same rows per step (the batch's largest divisor), a shorter
+    --max-seq-len, or a 4-bit base."""
+    advice = [] if grad_checkpointing else ["--grad-checkpointing on"]
+    if cfg.batch_size > 1:
+        rows = cfg.batch_size * cfg.grad_accum
+        fewer = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
+        advice.append(f"a smaller --batch-size with a larger --grad-accum for the same {rows} rows per step "
+                      f"(--batch-size {fewer} --grad-accum {rows // fewer})")
+    return ", ".join(advice + ["a lower --max-seq-len or --precision nf4"])
+
+
 def decide_grad_checkpointing(model, cfg, device: torch.device) -> tuple[bool, str]:
     """(gradient checkpointing on?, why) for --grad-checkpointing auto|on|off. auto: off when the
     generous estimate of what a step needs beyond the loaded weights, without it, is at most
