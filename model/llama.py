@@ -10,7 +10,8 @@ in Meta's or llama.cpp's interleaved layout must be permuted by its converter (m
 Positions come from the attention mask, so a left- or right-padded row gets the same outputs
 as the unpadded row. Rows that start with the same tokens -- the prompt's instruction, a question
 with several solutions -- compute that prefix once: `hidden(..., prefix_of=)` reads a prefix
-row's keys and values, a key/value cache within the batch (data/prefixes.py decides who shares what). Nothing is a buffer: the model can be built on `meta` and loaded with
+row's keys and values, a key/value cache within the batch (data/prefixes.py decides who shares
+what). Nothing is a buffer: the model can be built on `meta` and loaded with
 `load_state_dict(assign=True)` (model/load.py).
 """
 from __future__ import annotations
