@@ -5,7 +5,7 @@ import only this, common/, model/, lora/ and data/; nothing imports them, and no
     config.py      TrainConfig: every training setting once (default, --help, resume), the flags made from it
     setup.py       the run's set-up: its folder, its files, its training record, its rows, the base with fresh adapters
     build.py       the device, the tokenizer (checked against the model), the base model, an adapter's record
-    memory.py      what a step needs in memory; --grad-checkpointing auto; the process's peak host memory
+    memory.py      what a step needs in memory; --grad-checkpointing auto; what to change when it does not fit; peak host memory
     optim.py       the optimizer and get_lr, the learning-rate schedule
     loss.py        compute_loss (answer / full), count_targets, the chunked cross-entropy
     score.py       p_true at the cue, metrics, the tuned threshold, training's evaluation, ensembles

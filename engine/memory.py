@@ -22,15 +22,17 @@ def estimate_peak_gib(model, cfg, grad_checkpointing: bool) -> float:
 
     Activations per token and layer: the inputs of every GEMM and elementwise op of a block
     (about 14 x hidden + 5 x intermediate values in the activation dtype) plus the LoRA adapters'
-    fp32 copies of their inputs (about 6 x hidden + intermediate). With gradient checkpointing
-    only each block's input is kept, plus one block's worth during its recompute.
+    dropped-out inputs (about 6 x hidden + intermediate): in the activation dtype, but fp32 beside
+    fp16 activations (lora/lora.py computes the adapters in fp32 there). With gradient
+    checkpointing only each block's input is kept, plus one block's worth during its recompute.
     """
     mc, act = model.cfg, model.activation_dtype.itemsize
+    lora_act = 4 if model.activation_dtype == torch.float16 else act
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adam = lora * (4 + 4 + (2 if cfg.optim == "adamw8bit" else 8))  # grad + two moments
     tokens = cfg.batch_size * cfg.max_seq_len
     h, i, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
-    per_layer = tokens * ((14 * h + 5 * i) * act + (6 * h + i) * 4)
+    per_layer = tokens * ((14 * h + 5 * i) * act + (6 * h + i) * lora_act)
     acts = layers * tokens * h * act + per_layer if grad_checkpointing else layers * per_layer
     head = (cfg.batch_size if cfg.loss == "answer" else 1024) * mc.vocab_size * 4 * 2
     return (weight_bytes(model) + adam + acts + head) / 2**30
