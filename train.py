@@ -129,6 +129,7 @@ class TrainState:
     rank: int
     world: int
     device: torch.device
+    plotted: int = -1  # how many metrics records loss.png last showed (an unchanged plot is not redrawn)
 
 
 def set_up(cfg: TrainConfig, model_dir: Path, out: Path, ckpt_dir: Path, record: dict, rank: int, world: int,
@@ -231,12 +232,12 @@ def loop(t: TrainState) -> int:
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=t.step, desc="train", unit="step", disable=t.rank != 0, file=sys.stderr)
+    share = cfg.share_prefixes == "on"  # (a batch computes its rows' shared start once)
     while t.step < cfg.steps:
         t0 = time.perf_counter()
         lr = get_lr(t.step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup_steps, scheduler=cfg.scheduler)
         for g in opt.param_groups:
             g["lr"] = lr
-        share = cfg.share_prefixes == "on"  # (a row's shared start is computed once per batch)
         batches = [t.train_ds.batch(t.sampler.next_batch(), share) for _ in range(cfg.grad_accum)]
         n_targets = torch.tensor(float(count_targets(batches)), device=t.device)
         if t.world > 1:
@@ -314,8 +315,7 @@ def evaluate_and_keep_best(t: TrainState, best: tuple[float, int | None], stop: 
         cause = "the base model's weights are not usable" if t.step == 0 else "lower --lr or --alpha"
         raise UserError(f"{e} ({cause}); stopping. {last_good(t)}") from None
     t.record.update(threshold=th["threshold"], threshold_rows=th["rows"])
-    with disk_errors(t.out):
-        plot(t.out, t.log.records)
+    redraw(t)
     if m["accuracy"] > best[0]:
         best = (m["accuracy"], t.step)
         save_adapter(t.model, t.out / "best", base_model_name_or_path=str(t.model_dir), record=t.record)
@@ -348,9 +348,17 @@ def save_all_ranks(t: TrainState, stop: StopSignal) -> Path:
         with stop.deferred(), disk_errors(t.out):  # a second signal now must not tear the save
             save_checkpoint(t.out / "checkpoint", t.model, t.opt, t.scaler, t.sampler, t.step, t.cfg.to_dict(),
                             t.record, rngs)
-        with disk_errors(t.out):  # the metrics so far, drawn whenever a checkpoint is (a stop's included)
-            plot(t.out, t.log.records)
+        redraw(t)  # the metrics so far, drawn whenever a checkpoint is (a stop's included)
     return t.out / "checkpoint"
+
+
+def redraw(t: TrainState) -> None:
+    """loss.png from the metrics so far, unless it already shows them (an evaluation's step that
+    is also a checkpoint's)."""
+    if t.plotted != len(t.log.records):
+        with disk_errors(t.out):
+            plot(t.out, t.log.records)
+        t.plotted = len(t.log.records)
 
 
 def out_of_memory(t: TrainState, batches: list[dict], window_rng: dict) -> None:

@@ -5,8 +5,8 @@ these rules are written. No bitsandbytes here, so a float model loads without im
 Activations of an int8 / nf4 base are bf16 where bf16 arithmetic is native -- a GPU, and a CPU
 with AVX512_BF16 or AMX (x86) or the BF16 extension (arm64) -- and fp32 on any other CPU, where
 bf16 is emulated and many times slower than fp32 (PyTorch's issues report 40-500x on AVX2-only
-parts). Measured on this project's AMD EPYC (avx512_bf16): a training step 1.7x and a scoring pass
-2x faster in bf16 than in fp32 (README, "Benchmarks"). A float precision computes in its own dtype:
+parts). Measured on this project's AMD EPYC (avx512_bf16): a training step 1.5-1.7x and a scoring
+pass 2.2-2.7x faster in bf16 than in fp32 (README, "Benchmarks"). A float precision computes in its own dtype:
 `--precision fp32` stays the exact fp32 reference.
 """
 from __future__ import annotations
