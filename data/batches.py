@@ -124,10 +124,12 @@ def collate(examples: list[dict], pad_id: int, share: bool = False) -> dict:
     group_of, lens = plan
     B, cut = len(examples), [lens[g] for g in group_of]
     first = {g: b for b, g in reversed(list(enumerate(group_of)))}  # a row holding each group's prefix
-    prefixes = [examples[first[g]]["input_ids"][:lens[g]] for g in range(len(lens))]
+    shared = [g for g in range(len(lens)) if lens[g]]  # a group of one row shares nothing: no prefix row
+    row_of = {g: B + i for i, g in enumerate(shared)}
+    prefixes = [examples[first[g]]["input_ids"][:lens[g]] for g in shared]
     batch = _pad([e["input_ids"][c:] for e, c in zip(examples, cut)] + prefixes,
                  [e["targets"][c:] for e, c in zip(examples, cut)] + [[IGNORE] * len(p) for p in prefixes], pad_id)
-    batch["prefix_of"] = torch.tensor([B + g for g in group_of] + [-1] * len(lens), dtype=torch.long)
+    batch["prefix_of"] = torch.tensor([row_of.get(g, -1) for g in group_of] + [-1] * len(prefixes), dtype=torch.long)
     return batch
 
 
@@ -137,7 +139,9 @@ def row_tokens(batch: dict) -> int:
     if "prefix_of" not in batch:
         return int(n.sum())
     p = batch["prefix_of"]
-    return int((n + torch.where(p >= 0, n[p.clamp(min=0)], 0))[p != -1].sum())
+    example = torch.ones_like(p, dtype=torch.bool)
+    example[p[p >= 0]] = False  # a row some row continues is a prefix, not an example
+    return int((n + torch.where(p >= 0, n[p.clamp(min=0)], 0))[example].sum())
 
 
 def _pad(ids: list[list[int]], targets: list[list[int]] | None, pad_id: int) -> dict:

@@ -12,23 +12,23 @@ Two decisions, both by the work they save:
   plan_groups(ids)      a batch's groups: which rows share which prefix, or None (no sharing)
   family_batches(ids)   scoring only: batches that keep rows with a long common start together
 
-What is "work": a token through a block's projections costs one unit, and attention about one
-unit per PAIRS_PER_TOKEN (query, key) pairs. Unshared, a batch of B rows runs padded: B x L
-tokens and B x L x L pairs for its longest row L. Shared, the projections see each real token
-once (a prefix once, then the rests; padding skipped), and the B + G rows (G prefixes) attend,
-padded to the longest of them T, over T + P keys (P: the longest prefix). A grouping is used
-only when it costs less than no sharing and saves at least MIN_SAVED tokens -- for a batch of one
-row, or rows with little in common, the batch stays as it was.
+What is "work": a token through a block's projections costs one unit, attention what
+model/llama.py's attention_cost says (its pairs, its padded queries, its calls). Unshared, a
+batch of B rows runs padded: B x L tokens, and B x L queries over L keys, for its longest row L.
+Shared, the projections see each real token once (a prefix once, then the rests; padding
+skipped); the first rows (the prefixes, and rows that continue nothing), padded to the longest of
+them, attend to themselves, and the rests, in buckets of like length, over [their prefix | their
+own] (model/llama.py: Packed). A grouping is used only when it costs less than no sharing and
+saves at least MIN_SAVED tokens -- for a batch of one row, or rows with little in common, the
+batch stays as it was.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from model.llama import attention_cost, like_lengths
+
 MIN_SAVED = 32  # tokens a grouping must save before it is worth doing
-# Attention pairs that cost as much as one token's projections: measured on the default model on
-# a CPU, where attention is ~20% of a pass at ~275 keys per query (an 8B model's projections are
-# far larger, so this overstates its attention: sharing is then chosen a little less often).
-PAIRS_PER_TOKEN = 1000
 FAMILY_MARGIN = 8  # a family shares this many tokens more than what every row of the batch shares
 
 
@@ -89,10 +89,15 @@ def _work(ids: list[list[int]], groups: list[list[int]] | None, lens: list[int] 
     """The work of a batch (module docstring): unshared (groups None) or shared as `groups`."""
     if groups is None:
         longest = max(len(x) for x in ids)
-        return len(ids) * longest + len(ids) * longest ** 2 / PAIRS_PER_TOKEN
-    rests = [len(ids[r]) - p for p, g in zip(lens, groups) for r in g]
-    rows, T, P = len(ids) + len(groups), max(rests + lens), max(lens)
-    return sum(rests) + sum(lens) + rows * T * (T + P) / PAIRS_PER_TOKEN
+        return len(ids) * longest + attention_cost(len(ids), longest, longest)
+    rests = [(len(ids[r]) - p, p) for p, g in zip(lens, groups) for r in g if p]  # (own tokens, prefix)
+    first = [p for p in lens if p] + [len(ids[r]) for p, g in zip(lens, groups) for r in g if not p]
+    Ts = max(first)
+    work = sum(n for n, _ in rests) + sum(first) + attention_cost(len(first), Ts, Ts)
+    for bucket in like_lengths([n for n, _ in rests], [p for _, p in rests]):
+        T, P = max(rests[i][0] for i in bucket), max(rests[i][1] for i in bucket)
+        work += attention_cost(len(bucket), T, P + T)
+    return work
 
 
 def plan_groups(ids: list[list[int]], targets: list[list[int]] | None = None,

@@ -17,6 +17,7 @@ what). Nothing is a buffer: the model can be built on `meta` and loaded with
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,25 +107,119 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def with_prefix(t: torch.Tensor, prefix_rows: torch.Tensor, slots: int) -> torch.Tensor:
-    """Keys (or values) (R, n_kv, T, hd) -> (R, n_kv, slots + T, hd): the first `slots` of each
-    row's prefix row's, then its own. The prefix row is read, not copied off the graph: backward
-    sums every reader's gradient into it."""
-    return torch.cat([t[prefix_rows][:, :, :slots], t], dim=2)
+# What attention costs beside a token's projections (one unit: a token through a block's seven
+# projections), measured on the default model on this project's CPU in bf16 (SDPA's flash kernel,
+# which computes every (query, key) pair it is given, masked or not): a pair 1/PAIRS_PER_TOKEN,
+# each padded query QUERY_COST more, each SDPA call (with its scatter and gather) CALL_COST.
+# data/prefixes.py decides with these whether sharing pays, pack() how to cut the rests.
+PAIRS_PER_TOKEN = 1400
+QUERY_COST = 0.05
+CALL_COST = 8
 
 
-def on_tokens(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """layer(x) for x (R, T, in), computed on the real tokens only (real: (R, T) bool), zeros at
-    padding: in a batch of prefixes and the rests after them, rows differ in length, and padding
-    would cost as much as tokens."""
-    return layer(x) if real is None else padded_back(layer(x[real]), real)
+def attention_cost(rows: int, queries: int, keys: int) -> float:
+    """One SDPA call over `rows` rows of `queries` padded queries, each against `keys` keys."""
+    return rows * queries * (QUERY_COST + keys / PAIRS_PER_TOKEN) + CALL_COST
 
 
-def padded_back(y: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """(N, C) values of the real tokens -> (R, T, C), zeros at padding."""
-    out = y.new_zeros(*real.shape, y.shape[-1])
-    out[real] = y
-    return out
+def like_lengths(lengths: list[int], past: list[int]) -> list[list[int]]:
+    """Rows (indices into `lengths`) cut into buckets of like length, the cut that costs least
+    (attention_cost; a row of length lengths[i] reads past[i] prefix keys before its own): every
+    row of a bucket is padded to the bucket's longest, so one long row no longer pads them all.
+    Exact, by dynamic programming over the rows sorted by length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best, cut = [0.0], [0]  # best[j]: the cheapest cut of order[:j]; cut[j]: where its last bucket starts
+    for j in range(1, len(order) + 1):
+        P, options = 0, []
+        for i in range(j - 1, -1, -1):  # last bucket order[i:j], padded to lengths[order[j - 1]]
+            P = max(P, past[order[i]])
+            T = lengths[order[j - 1]]
+            options.append((best[i] + attention_cost(j - i, T, P + T), i))
+        cost, i = min(options)
+        best.append(cost)
+        cut.append(i)
+    buckets, j = [], len(order)
+    while j:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+class Part(NamedTuple):
+    """Rows padded together for one SDPA call."""
+    real: torch.Tensor                # (rows, T) bool: their real tokens (right-padded)
+    where: torch.Tensor               # (n,) the real tokens' places r * T + t, in the packed order
+    rope: tuple                       # cos, sin (rows, T, hd) at their positions
+    prefix_row: torch.Tensor | None   # (rows,) which first row each continues; None: the first rows
+    slots: int                        # P: the longest prefix these rows read
+    mask: torch.Tensor | None         # (rows, 1, T, P + T) bool: what their queries see, [prefix | own]
+
+
+class Packed(NamedTuple):
+    """A batch with shared prefixes, laid out so that nothing is computed twice or on padding.
+
+    The rows are of two kinds: *first* rows attend to themselves only (each prefix, and any row
+    that continues nothing), *rests* continue a first row: they sit at the positions after it and
+    attend to its keys and values -- a key/value cache computed in the same pass. Between the
+    blocks' attentions the residual stream is packed, (N, D) with one line per real token, part
+    by part: parts[0] the first rows, then the rests in buckets of like length (like_lengths).
+    Only attention needs rows, so each block scatters its q, k, v into each part's padded layout
+    and gathers the outputs back."""
+    src: torch.Tensor    # (N,) each packed token's place r * T + t in the (R, T) batch
+    parts: list          # [Part]: the first rows, then the rests' buckets
+    sizes: list          # real tokens of each part, in the packed stream's order
+
+
+def pack(cfg: LlamaConfig, attention_mask: torch.Tensor, prefix_of: torch.Tensor, dtype: torch.dtype) -> Packed:
+    """The layout (Packed) of right-padded rows (attention_mask (R, T), True on real tokens) of
+    which row r continues row prefix_of[r] (-1: none)."""
+    real = attention_mask.bool()
+    R, T = real.shape
+    device = real.device
+    lengths = real.sum(-1)  # (R,)
+    if not bool((real == (torch.arange(T, device=device) < lengths[:, None])).all()):
+        raise ValueError("hidden(..., prefix_of=) takes right-padded rows")
+    grid, steps = torch.arange(R * T, device=device).view(R, T), torch.arange(T, device=device)
+    first = torch.nonzero(prefix_of < 0).flatten()  # (S,)
+    Ts = int(lengths[first].max())
+    places = lambda r: torch.nonzero(r.flatten()).flatten()  # noqa: E731 -- row-major, as src
+    parts = [Part(real[first, :Ts], places(real[first, :Ts]), rope_cos_sin(cfg, steps[:Ts].expand(len(first), Ts), dtype),
+                  None, 0, None)]
+    src = [grid[first, :Ts][parts[0].real]]
+    slot_of = torch.full((R,), -1, dtype=torch.long, device=device)
+    slot_of[first] = torch.arange(len(first), device=device)
+    rest = torch.nonzero(prefix_of >= 0).flatten()  # (C,)
+    n, past = lengths[rest].tolist(), lengths[prefix_of[rest]].tolist()  # own tokens; prefix tokens before them
+    for bucket in like_lengths(n, past):
+        rows = rest[bucket]
+        Tc, P = max(n[i] for i in bucket), max(past[i] for i in bucket)
+        before = lengths[prefix_of[rows]]  # (rows,)
+        # A rest's query t sees its prefix's real tokens (never the padding after a shorter
+        # prefix) and its own tokens up to t (right padding: those are real, for every real query).
+        seen = (torch.arange(P, device=device)[None, :] < before[:, None])[:, None, None, :].expand(-1, 1, Tc, P)
+        own = torch.ones(Tc, Tc, dtype=torch.bool, device=device).tril().expand(len(rows), 1, Tc, Tc)
+        parts.append(Part(real[rows, :Tc], places(real[rows, :Tc]), rope_cos_sin(cfg, steps[:Tc] + before[:, None], dtype),
+                          slot_of[prefix_of[rows]], P, torch.cat([seen, own], dim=-1)))
+        src.append(grid[rows, :Tc][parts[-1].real])
+    return Packed(torch.cat(src), parts, [len(s) for s in src])
+
+
+def padded(y: torch.Tensor, part: Part) -> torch.Tensor:
+    """(n, C) values of a part's real tokens -> (rows, T, C), zeros at padding."""
+    rows, T = part.real.shape
+    return y.new_zeros(rows * T, y.shape[-1]).index_copy(0, part.where, y).view(rows, T, -1)
+
+
+def unpadded(y: torch.Tensor, part: Part) -> torch.Tensor:
+    """(rows, T, ...) -> (n, C): the values at a part's real tokens, flattened."""
+    return y.reshape(part.real.numel(), -1).index_select(0, part.where)
+
+
+def with_prefix(first: torch.Tensor, rest: torch.Tensor, prefix_row: torch.Tensor, slots: int) -> torch.Tensor:
+    """Keys (or values) of the rests (C, n_kv, Tc, hd) -> (C, n_kv, slots + Tc, hd): the first
+    `slots` of their prefix row's (first: (S, n_kv, Ts, hd)), then their own. The prefix is read,
+    not copied off the graph: backward sums every reader's gradient into it."""
+    return torch.cat([first[prefix_row][:, :, :slots], rest], dim=2)
 
 
 class Attention(nn.Module):
@@ -137,27 +232,41 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, prefix=None):
-        """x (R, T, D) -> (R, T, D). prefix = (prefix_rows (R,), slots, real (R, T)): a key/value
-        cache within the batch -- row r continues row prefix_rows[r], so it attends to that row's
-        keys and values (after RoPE, this layer's) before its own; `mask` covers both parts."""
-        R, T, _ = x.shape
-        real = None if prefix is None else prefix[2]
-        xr = x if real is None else x[real]  # (N, D): the real tokens, when rows differ in length
-        q, k, v = (p(xr) if real is None else padded_back(p(xr), real) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(R, T, self.n_heads, self.hd).transpose(1, 2)  # (R, H, T, hd)
-        k = k.view(R, T, self.n_kv, self.hd).transpose(1, 2)  # (R, n_kv, T, hd)
-        v = v.view(R, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, packed: Packed | None = None):
+        """x (B, T, D) -> (B, T, D); with `packed`, x is the packed stream (N, D) -> (N, D)."""
+        if packed is not None:
+            return self.packed_forward(x, packed)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
-        if prefix is not None:  # keys [prefix | own]: the prefix computed once, read by every row it starts
-            rows, slots, _ = prefix
-            k, v = with_prefix(k, rows, slots), with_prefix(v, rows, slots)  # (R, n_kv, slots + T, hd)
         # GQA: each group of n_heads / n_kv query heads reads one K/V head (no repeat copy).
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return on_tokens(self.o_proj, y.transpose(1, 2).reshape(R, T, self.n_heads * self.hd), real)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def packed_forward(self, x: torch.Tensor, p: Packed) -> torch.Tensor:
+        """Attention with shared prefixes, x (N, D) packed (see Packed): the projections run on
+        the real tokens once; the first rows attend causally to themselves, the rests to
+        [their prefix row's keys and values | their own] -- the key/value cache."""
+        qkv = [proj(x).split(p.sizes) for proj in (self.q_proj, self.k_proj, self.v_proj)]  # by part
+        ys = []
+        for part, *tokens in zip(p.parts, *qkv):
+            rows, T = part.real.shape
+            q, k, v = (padded(t, part).view(rows, T, -1, self.hd).transpose(1, 2) for t in tokens)  # (rows, heads, T, hd)
+            q, k = apply_rope(q, k, *part.rope)
+            if part.prefix_row is None:  # the first rows: right-padded, so the causal triangle hides padding
+                first_k, first_v = k, v
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                k = with_prefix(first_k, k, part.prefix_row, part.slots)  # (rows, n_kv, P + T, hd)
+                v = with_prefix(first_v, v, part.prefix_row, part.slots)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=part.mask, enable_gqa=True)
+            ys.append(unpadded(y.transpose(1, 2), part))  # (real tokens, H hd)
+        return self.o_proj(torch.cat(ys))  # (N, D)
 
 
 class MLP(nn.Module):
@@ -180,36 +289,27 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, prefix=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix)
-        return x + on_tokens(self.mlp, self.post_attention_layernorm(x), None if prefix is None else prefix[2])
+    def forward(self, x, cos, sin, mask, packed: Packed | None = None):
+        """x (B, T, D), or the packed stream (N, D) with `packed`: every op but attention is per token."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, packed)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       past: torch.Tensor | None = None, past_slots: int = 0):
-    """(positions (B, T), attention mask (B, 1, T, past_slots + T) bool, or None for plain causal).
+def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(positions (B, T), attention mask (B, 1, T, T) bool, or None for plain causal).
 
-    Positions come from the attention mask (True on real tokens), so right padding changes nothing.
-    With prefixes, `past` (B,) counts each row's real prefix tokens among the `past_slots` keys put
-    before its own (its prefix row's, padded; 0 for a row that continues nothing): the row's
-    positions continue from there, and query t sees those prefix keys and its own real tokens up
-    to t -- never a prefix's padding. (SDPA's is_causal aligns its triangle top-left when query and
-    key lengths differ, so prefixes always get an explicit mask.)
+    Positions come from the attention mask (True on real tokens), so a left- or right-padded row
+    gets the outputs of the unpadded row.
     """
     (B, T), device = input_ids.shape, input_ids.device
-    if past is None and (attention_mask is None or bool(attention_mask.all())):
+    if attention_mask is None or bool(attention_mask.all()):
         return torch.arange(T, device=device).expand(B, T), None  # plain causal: SDPA's fastest kernel
-    real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    real = attention_mask.bool()
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & real[:, None, None, :]  # (B, 1, T, T)
     # A padding query with no visible key would softmax over nothing (NaN); let it see itself.
     # Real tokens never attend to padding either way.
-    own = own | torch.eye(T, dtype=torch.bool, device=device)
-    if past is None:
-        return positions, own
-    seen = torch.arange(past_slots, device=device)[None, :] < past[:, None]  # (B, P): the row's own prefix
-    prefix = seen[:, None, None, :].expand(B, 1, T, past_slots)
-    return positions + past[:, None], torch.cat([prefix, own], dim=-1)  # (B, 1, T, P + T)
+    return positions, own | torch.eye(T, dtype=torch.bool, device=device)
 
 
 class Llama(nn.Module):
@@ -247,27 +347,39 @@ class Llama(nn.Module):
         after them and attends to them, so its hidden states are those of the whole row [row p |
         row r]; -1: a row that continues nothing. (A prefix row is a row of the same batch, so its
         keys and values -- the cache -- are computed in the same pass, through the same GEMMs, and
-        every row reading them sends its gradient back into them.)
+        every row reading them sends its gradient back into them.) With prefix_of the rows must be
+        right-padded (data/batches.py: collate's), and the blocks run on the packed stream (Packed).
         """
-        x = self.model.embed_tokens(input_ids)  # (R, T, D)
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        past = prefix = None
         if prefix_of is not None:
-            R, T = input_ids.shape
-            real = torch.ones(R, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
-                else attention_mask.bool()
-            rows = torch.where(prefix_of >= 0, prefix_of, torch.arange(R, device=input_ids.device))
-            past = torch.where(prefix_of >= 0, real.sum(-1)[rows], 0)  # (R,) prefix tokens before each row's first
-            prefix = (rows, int(past.max()), real)
-        positions, mask = positions_and_mask(input_ids, attention_mask, past, 0 if prefix is None else prefix[1])
+            return self._shared(input_ids, attention_mask, prefix_of)
+        x = self.embed(input_ids)  # (B, T, D)
+        positions, mask = positions_and_mask(input_ids, attention_mask)
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        return self.model.norm(self._blocks(x, cos, sin, mask, None))
+
+    def _shared(self, input_ids, attention_mask, prefix_of):
+        """hidden() with shared prefixes: the packed stream (Packed) through the blocks, and back
+        into the batch's (R, T, D) shape, zeros at padding."""
+        R, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(R, T, dtype=torch.bool, device=input_ids.device)
+        p = pack(self.cfg, attention_mask, prefix_of, self.activation_dtype)
+        x = self._blocks(self.embed(input_ids.flatten()[p.src]), None, None, None, p)  # (N, D)
+        out = x.new_zeros(R * T, x.shape[-1])
+        out[p.src] = self.model.norm(x)
+        return out.view(R, T, -1)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        return x if self.compute_dtype is None else x.to(self.compute_dtype)
+
+    def _blocks(self, x, cos, sin, mask, packed):
         for block in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = recompute_in_backward(block, x, cos, sin, mask, prefix, use_reentrant=False)
+                x = recompute_in_backward(block, x, cos, sin, mask, packed, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, prefix)
-        return self.model.norm(x)
+                x = block(x, cos, sin, mask, packed)
+        return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()
