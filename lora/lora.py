@@ -167,7 +167,7 @@ class LoRALinear(nn.Module):
         else:  # fp32 activations, or fp16 (whose narrow range the update would risk): in A's dtype
             x = x.to(a.dtype)
         # With shared prefixes (model/llama.py: hidden(..., prefix_of=)) a prefix's tokens pass
-        # through here once, as a row of their own, so they draw ONE dropout mask for every row
+        # through here once (one line each of the packed stream), so they draw ONE dropout mask for every row
         # they start -- unshared, each row would draw its own mask for those tokens.
         h = F.linear(self.lora_dropout(x), a)  # (..., r): A·drop(x)
         if y.dtype != b.dtype or not y.is_contiguous():  # an fp16 base beside fp32 adapters
