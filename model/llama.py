@@ -148,7 +148,7 @@ def like_lengths(lengths: list[int], past: list[int]) -> list[list[int]]:
 class Part(NamedTuple):
     """Rows padded together for one SDPA call."""
     real: torch.Tensor                # (rows, T) bool: their real tokens (right-padded)
-    where: torch.Tensor               # (n,) the real tokens' places r * T + t, in the packed order
+    where: torch.Tensor               # (n,) the real tokens' places r * T + t among these rows, in packed order
     rope: tuple                       # cos, sin (rows, T, hd) at their positions
     prefix_row: torch.Tensor | None   # (rows,) which first row each continues; None: the first rows
     slots: int                        # P: the longest prefix these rows read
@@ -182,10 +182,9 @@ def pack(cfg: LlamaConfig, attention_mask: torch.Tensor, prefix_of: torch.Tensor
     grid, steps = torch.arange(R * T, device=device).view(R, T), torch.arange(T, device=device)
     first = torch.nonzero(prefix_of < 0).flatten()  # (S,)
     Ts = int(lengths[first].max())
-    places = lambda r: torch.nonzero(r.flatten()).flatten()  # noqa: E731 -- row-major, as src
-    parts = [Part(real[first, :Ts], places(real[first, :Ts]), rope_cos_sin(cfg, steps[:Ts].expand(len(first), Ts), dtype),
-                  None, 0, None)]
-    src = [grid[first, :Ts][parts[0].real]]
+    parts = [Part(real[first, :Ts], torch.nonzero(real[first, :Ts].flatten()).flatten(),
+                  rope_cos_sin(cfg, steps[:Ts].expand(len(first), Ts), dtype), None, 0, None)]
+    src = [grid[first, :Ts].flatten()[parts[0].where]]
     slot_of = torch.full((R,), -1, dtype=torch.long, device=device)
     slot_of[first] = torch.arange(len(first), device=device)
     rest = torch.nonzero(prefix_of >= 0).flatten()  # (C,)
@@ -198,9 +197,10 @@ def pack(cfg: LlamaConfig, attention_mask: torch.Tensor, prefix_of: torch.Tensor
         # prefix) and its own tokens up to t (right padding: those are real, for every real query).
         seen = (torch.arange(P, device=device)[None, :] < before[:, None])[:, None, None, :].expand(-1, 1, Tc, P)
         own = torch.ones(Tc, Tc, dtype=torch.bool, device=device).tril().expand(len(rows), 1, Tc, Tc)
-        parts.append(Part(real[rows, :Tc], places(real[rows, :Tc]), rope_cos_sin(cfg, steps[:Tc] + before[:, None], dtype),
-                          slot_of[prefix_of[rows]], P, torch.cat([seen, own], dim=-1)))
-        src.append(grid[rows, :Tc][parts[-1].real])
+        parts.append(Part(real[rows, :Tc], torch.nonzero(real[rows, :Tc].flatten()).flatten(),
+                          rope_cos_sin(cfg, steps[:Tc] + before[:, None], dtype), slot_of[prefix_of[rows]], P,
+                          torch.cat([seen, own], dim=-1)))
+        src.append(grid[rows, :Tc].flatten()[parts[-1].where])
     return Packed(torch.cat(src), parts, [len(s) for s in src])
 
 
