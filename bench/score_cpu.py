@@ -185,8 +185,8 @@ def main(argv=None) -> int:
             same = float(np.mean((p_true[side] > 0.5) == (p_true[ref] > 0.5))) if ref else None
             if side == "ours fp32" and diff is not None:
                 ok &= diff <= args.tol
-            ratio = {o: float(np.median([b / a for a, b in zip(times[side], times[o])])) for o in names}
-            ratio = {o: ratio.get(o) for o in SIDES}  # None: a side not run
+            ratio = {o: float(np.median([b / a for a, b in zip(times[side], times[o])])) if o in names else None
+                     for o in SIDES}  # None: a side not run
             rows.append(dict(file=Path(path).name, per_q=per_q, side=side, n=len(ds), s=med, rows_s=len(ds) / med,
                              computed=computed[side], row_tok_s=row_tok / med, ratio=ratio, ref=ref, diff=diff,
                              same=same))
